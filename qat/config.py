@@ -17,6 +17,7 @@ import torch
 
 GRIDS = ("k2", "full")
 OBSERVERS = ("absmax", "mse", "lsq")
+KERNELS = ("auto", "eager", "compiled")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Routed experts only. Fused v5 experts (`mlp.experts.gate_up_proj`, `down_proj`, or `up_proj`
@@ -44,6 +45,9 @@ class QuantConfig:
     quantization MSE, refreshed by refresh_observers(). "lsq": learned scales (LSQ gradients)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Regexes (re.search) over parameter names; default: routed experts only."""
+    kernel: str = "auto"
+    """How the fake quant runs, never what it computes: "eager" (torch ops), "compiled"
+    (torch.compile fuses it into one pass; bit-identical), "auto" (compiled on GPU, eager on CPU)."""
     mse_ratios: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))
     """Clipping ratios the mse observer searches (1.0 .. 0.5)."""
 
@@ -62,6 +66,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.scale_dtype={self.scale_dtype!r}: choose one of {tuple(SCALE_DTYPES)}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"QuantConfig.observer={self.observer!r}: choose one of {OBSERVERS}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"QuantConfig.kernel={self.kernel!r}: choose one of {KERNELS}")
         if not self.targets:
             raise ValueError("QuantConfig.targets is empty: give at least one regex over parameter names")
         for pattern in self.targets:

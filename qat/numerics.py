@@ -26,13 +26,39 @@ def check_groupable(name: str, shape: tuple[int, ...], in_dim: int, group_size: 
         )
 
 
-def absmax_scale(w_OI: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-group scale [..., O, G] in cfg.scale_dtype: absmax (times clip_ratio) / divisor."""
-    g = cfg.group_size
-    absmax = w_OI.detach().unflatten(-1, (-1, g)).abs().amax(dim=-1).float()
+def _absmax_scale_math(w_OI, group_size: int, divisor: float, scale_dtype: torch.dtype, clip_ratio=None):
+    absmax = w_OI.unflatten(-1, (-1, group_size)).abs().amax(dim=-1).float()
     if clip_ratio is not None:
         absmax = absmax * clip_ratio
-    return (absmax / cfg.divisor).to(cfg.torch_scale_dtype)
+    return (absmax / divisor).to(scale_dtype)
+
+
+def _fake_quant_math(w_OI, scale_OG, qmin: int, qmax: int, group_size: int):
+    s = scale_OG.float()
+    s = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
+    v = w_OI.float().unflatten(-1, (-1, group_size)) / s
+    return (v.round().clamp(qmin, qmax) * s).flatten(-2).to(w_OI.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _kernel(fn, cfg: QuantConfig, t: torch.Tensor):
+    """Eager ops make ~10 passes over the weight; torch.compile fuses them into one read and one
+    write (measured in scripts/bench/qat_overhead.py), bit-identical to eager. "auto" compiles
+    on accelerators only, where it pays; on CPU the one-off compile costs tens of seconds."""
+    use = cfg.kernel == "compiled" or (cfg.kernel == "auto" and t.device.type != "cpu")
+    if not use:
+        return fn
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
+
+
+def absmax_scale(w_OI: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group scale [..., O, G] in cfg.scale_dtype: absmax (times clip_ratio) / divisor."""
+    w = w_OI.detach()
+    return _kernel(_absmax_scale_math, cfg, w)(w, cfg.group_size, cfg.divisor, cfg.torch_scale_dtype, clip_ratio)
 
 
 def _safe(scale_f32: torch.Tensor) -> torch.Tensor:
@@ -75,11 +101,8 @@ class FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w_OI, scale_OG, qmin, qmax, group_size, clip_grad_mask, scale_grad_factor):
-        s = _safe(scale_OG.float()).unsqueeze(-1)
-        v = w_OI.float().unflatten(-1, (-1, group_size)) / s
-        q = v.round_().clamp_(qmin, qmax)
-        out = (q * s).flatten(-2).to(w_OI.dtype)
+    def forward(ctx, w_OI, scale_OG, qmin, qmax, group_size, clip_grad_mask, scale_grad_factor, math_fn=_fake_quant_math):
+        out = math_fn(w_OI, scale_OG, qmin, qmax, group_size)
         ctx.save_for_backward(w_OI, scale_OG)
         ctx.consts = (qmin, qmax, group_size, clip_grad_mask, scale_grad_factor)
         return out
@@ -91,7 +114,7 @@ class FakeQuantSTE(torch.autograd.Function):
         need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_w = grad_s = None
         if not (clip_grad_mask or need_s):
-            return grad_out, None, None, None, None, None, None
+            return grad_out, None, None, None, None, None, None, None
         s = _safe(scale_OG.float()).unsqueeze(-1)
         v = w_OI.detach().float().unflatten(-1, (-1, group_size)) / s
         inside = (v >= qmin) & (v <= qmax)
@@ -102,13 +125,14 @@ class FakeQuantSTE(torch.autograd.Function):
             q = v.round().clamp(qmin, qmax)
             d = torch.where(inside, q - v, q)
             grad_s = ((g * d).sum(-1) * scale_grad_factor).to(scale_OG.dtype)
-        return grad_w, grad_s, None, None, None, None, None
+        return grad_w, grad_s, None, None, None, None, None, None
 
 
 def fake_quant(w_OI: torch.Tensor, scale_OG: torch.Tensor, cfg: QuantConfig, *, clip_grad_mask: bool = True,
                scale_grad_factor: float = 1.0) -> torch.Tensor:
     """Differentiable fake quant of w_OI with the given scales (see FakeQuantSTE)."""
-    return FakeQuantSTE.apply(w_OI, scale_OG, cfg.qmin, cfg.qmax, cfg.group_size, clip_grad_mask, scale_grad_factor)
+    math_fn = _kernel(_fake_quant_math, cfg, w_OI)
+    return FakeQuantSTE.apply(w_OI, scale_OG, cfg.qmin, cfg.qmax, cfg.group_size, clip_grad_mask, scale_grad_factor, math_fn)
 
 
 def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:

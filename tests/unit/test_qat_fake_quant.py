@@ -325,3 +325,14 @@ def test_target_on_a_non_expert_tensor_raises():
 def test_set_fake_quant_requires_prepare():
     with pytest.raises(ValueError, match="call qat.prepare"):
         set_fake_quant(build_model(load_preset("tiny_mixtral")), False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_is_bit_identical_to_eager(dtype):
+    torch.manual_seed(0)
+    w = (torch.randn(4, 64, 96) * 0.05).to(dtype)
+    w[0, 0, :32] = 0
+    eager = ExpertWeightFakeQuant(QuantConfig(kernel="eager"), w, transposed=False)(w)
+    compiled = ExpertWeightFakeQuant(QuantConfig(kernel="compiled"), w, transposed=False)(w)
+    assert torch.equal(eager, compiled)
