@@ -150,3 +150,37 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
             rec = no_tool_record(f"Say hi #{i} in French.", f"Answer: Bonjour {i} !")
         out.append(copy.deepcopy(rec))
     return out
+
+
+def long_record(steps: int = 12, output_lines: int = 20) -> dict:
+    """One turn with many python steps and long tool outputs: for splitting at step boundaries."""
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tabulate squares, step by step."}]
+    for s in range(steps):
+        msgs.append({"role": "assistant", "content": f"Block {s}.", "reasoning_content": f"Next block {s}.",
+                     "tool_calls": [_call(s, "python", {"code": f"for i in range({s * 100}, {s * 100 + output_lines}): print(i, i*i)"})]})
+        msgs.append({"role": "tool", "tool_call_id": f"call_{s}", "name": "python",
+                     "content": "".join(f"{i} {i * i}\n" for i in range(s * 100, s * 100 + output_lines))})
+    msgs.append({"role": "assistant", "content": "Answer: done", "reasoning_content": "All blocks printed."})
+    return {"messages": msgs, "tools": [PYTHON_TOOL],
+            "task": {"family": "arith", "id": "long", "split": "train", "prompt": "", "answer": ""},
+            "verdict": {"correct": True, "answer": "done", "reason": "fixture"}, "metadata": {"steps": steps + 1}}
+
+
+def tiny_tokenizer(vocab_size: int = 1024, n_records: int = 50):
+    """A tiny K2-style tokenizer trained on the fixtures (about a second on one core)."""
+    from data.tokenizer import train_tokenizer
+
+    return train_tokenizer(make_records(n_records) + [long_record()], vocab_size=vocab_size)
+
+
+def qwen3_style_tokenizer(vocab_size: int = 1024):
+    """Our byte-level BPE with Qwen3's chat tokens and the Qwen3-style *inference* template
+    (data/templates/qwen3_training.jinja without its generation markers): stands in for a real
+    model's tokenizer, which tests cannot download."""
+    from data.render import TEMPLATES_DIR, strip_generation_markers
+
+    tok = tiny_tokenizer(vocab_size)
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>"]}, replace_extra_special_tokens=False)
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
+    tok.chat_template = strip_generation_markers((TEMPLATES_DIR / "qwen3_training.jinja").read_text())
+    return tok

@@ -1,0 +1,513 @@
+"""Chat rendering with loss masks: trajectories -> training tokens, messages -> rollout prompts.
+
+One renderer interface, two kinds, picked by `get_renderer(tokenizer)`:
+
+- `TinyRenderer`: the K2-style format of `data.tokenizer` (our tiny default model). Rendered in
+  Python (fast), tokenized once per document; loss masks come from the special tokens alone.
+- `ChatTemplateRenderer`: a real model's own chat template through `apply_chat_template`, with
+  assistant masks from `{% generation %}` markers. A template without markers is matched to a
+  shipped training variant in `data/templates/` (proven to render the same tokens without the
+  markers), or the user passes one.
+
+The one idea is train/inference parity: a training document is cut so that, for every assistant
+step it labels, the tokens before that step are exactly `render_prompt(messages_before_step,
+tools)` (what the rollout loop feeds the model) and the labelled tokens are exactly what the
+model must emit, up to and including the end-of-step token. Reasoning follows K2 Thinking: kept
+for every step of the turn in progress (from the last user message on), dropped from earlier,
+completed turns. So a multi-turn record cannot be one sequence (turn 1's reasoning is visible
+while turn 1 is in progress, gone once turn 2 starts): it becomes one *document* per user turn,
+each holding the earlier turns without reasoning as unlabelled context. `render_training`
+returns the documents concatenated, with `doc_lens` so packing restarts positions (and
+attention) at each.
+
+A document longer than `max_len` is split at step boundaries (a step = one assistant message
+and the tool results answering it; never cut inside). Each piece keeps the system message, the
+tool declarations and the turn's user message, then as much of the preceding history as fits
+(the most recent steps first, then earlier turns), then labelled steps. A step that cannot fit
+even with the bare prefix is dropped and counted in `SplitStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data import tokenizer as T
+
+IGNORE_INDEX = -100
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+_GEN_MARKER_RE = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
+
+@dataclass
+class SplitStats:
+    """Counts of what rendering kept, split and dropped (summed over records)."""
+
+    records: int = 0
+    docs: int = 0             # one per user turn with at least one assistant step
+    split_docs: int = 0       # docs longer than max_len, cut into pieces
+    pieces: int = 0           # documents emitted (unsplit docs + pieces)
+    steps: int = 0            # assistant steps seen
+    dropped_steps: int = 0    # steps that did not fit with the bare prefix: no loss on them
+    dropped_step_tokens: int = 0
+    label_tokens: int = 0     # loss tokens emitted
+    tokens: int = 0           # tokens emitted
+
+    def add(self, other: "SplitStats") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _arguments_json(args: Any) -> str:
+    # as the templates' `tojson` filter does (json.dumps defaults, ensure_ascii=False)
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def _call_numbers(messages: Sequence[dict]) -> list[tuple[str, int]]:
+    """(name, k) of each tool message: the K2 global call number of the call it answers."""
+    out, k, latest = [], 0, {}
+    for m in messages:
+        if m["role"] == "assistant":
+            latest = {}
+            for c in m.get("tool_calls") or []:
+                latest[c["id"]] = (c["function"]["name"], k)
+                k += 1
+        elif m["role"] == "user":
+            latest = {}
+        if m["role"] == "tool":
+            if m.get("tool_call_id") not in latest:
+                raise ValueError(f"tool message answers tool_call_id={m.get('tool_call_id')!r}, which no call of the "
+                                 "latest assistant step has; validate records with data.schema.validate_record")
+            out.append(latest[m["tool_call_id"]])
+    return out
+
+
+def render_text(messages: Sequence[dict], tools: list | None = None, *, add_generation_prompt: bool = False,
+                keep: Sequence[int] | None = None) -> str:
+    """The tiny K2-style format as text (see `data.tokenizer`). `keep` renders only those message
+    indices, while tool-call numbers stay those of the full list (so a split piece shows the
+    model the same call names as the whole conversation does)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    idx = range(len(messages)) if keep is None else keep
+    if keep is not None:  # "last user" is judged within what is rendered
+        last_user = max((i for i in keep if messages[i]["role"] == "user"), default=-1)
+    numbers = iter(_call_numbers(messages))
+    call_k = {}  # message index -> first call number of that assistant message, or tool (name, k)
+    k = 0
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            call_k[i] = k
+            k += len(m.get("tool_calls") or [])
+        elif m["role"] == "tool":
+            call_k[i] = next(numbers)
+    parts = []
+    if tools:
+        parts += [T.IM_SYSTEM, "tool_declare", T.IM_MIDDLE, json.dumps(tools, ensure_ascii=False), T.IM_END]
+    for i in idx:
+        m = messages[i]
+        role = m["role"]
+        if role == "system":
+            parts += [T.IM_SYSTEM, "system", T.IM_MIDDLE, m["content"], T.IM_END]
+        elif role == "user":
+            parts += [T.IM_USER, "user", T.IM_MIDDLE, m["content"], T.IM_END]
+        elif role == "assistant":
+            parts += [T.IM_ASSISTANT, "assistant", T.IM_MIDDLE, T.THINK]
+            if i > last_user and m.get("reasoning_content"):
+                parts.append(m["reasoning_content"])
+            parts += [T.END_THINK, m.get("content") or ""]
+            calls = m.get("tool_calls")
+            if calls:
+                parts.append(T.SECTION_BEGIN)
+                for j, c in enumerate(calls):
+                    fn = c["function"]
+                    parts += [T.CALL_BEGIN, f"functions.{fn['name']}:{call_k[i] + j}", T.ARG_BEGIN,
+                              _arguments_json(fn["arguments"]), T.CALL_END]
+                parts.append(T.SECTION_END)
+            parts.append(T.IM_END)
+        elif role == "tool":
+            name, kk = call_k[i]
+            parts += [T.IM_TOOL, "tool", T.IM_MIDDLE, f"## Return of functions.{name}:{kk}\n", m["content"], T.IM_END]
+        else:
+            raise ValueError(f"messages[{i}].role: unknown role {role!r}; expected system, user, assistant or tool")
+    if add_generation_prompt:
+        parts += [T.IM_ASSISTANT, "assistant", T.IM_MIDDLE]
+    return "".join(parts)
+
+
+def _steps(messages: Sequence[dict], start: int, end: int) -> list[list[int]]:
+    """Group message indices start..end-1 into steps: an assistant message + its tool results."""
+    steps: list[list[int]] = []
+    for i in range(start, end):
+        if messages[i]["role"] == "assistant" or not steps:
+            steps.append([i])
+        else:
+            steps[-1].append(i)
+    return steps
+
+
+class Renderer:
+    """Interface shared by both kinds; subclasses implement `_encode`, `render_prompt`, `parse_assistant`."""
+
+    tokenizer: Any
+    stop_token_ids: list[int]
+
+    # -- subclass API
+    def _encode(self, messages: Sequence[dict], keep: Sequence[int], tools, labelled: set[int]
+                ) -> tuple[list[int], list[int]]:
+        """Tokens of messages[keep] (a training render, no generation prompt) and their labels:
+        loss on the assistant messages in `labelled`, -100 elsewhere."""
+        raise NotImplementedError
+
+    def render_prompt(self, messages: Sequence[dict], tools: list | None = None) -> list[int]:
+        raise NotImplementedError
+
+    def parse_assistant(self, text_or_ids) -> dict:
+        raise NotImplementedError
+
+    # -- shared
+    def render_documents(self, record: dict, max_len: int | None = None,
+                         stats: SplitStats | None = None) -> list[dict]:
+        """One document per user turn (split to fit `max_len`); each a dict(input_ids, labels)."""
+        msgs, tools = record["messages"], record.get("tools")
+        st = SplitStats(records=1)
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        head_sys = [0] if msgs[0]["role"] == "system" else []
+        out = []
+        for t, u in enumerate(users):
+            end = users[t + 1] if t + 1 < len(users) else len(msgs)
+            steps = _steps(msgs, u + 1, end)
+            if not steps:
+                continue
+            st.docs += 1
+            st.steps += len(steps)
+            keep = list(range(end))
+            labelled = {s[0] for s in steps}
+            ids, labels = self._encode(msgs, keep, tools, labelled)
+            if max_len is None or len(ids) <= max_len:
+                out.append({"input_ids": ids, "labels": labels})
+                continue
+            st.split_docs += 1
+            hist = [list(range(users[h], users[h + 1])) for h in range(t)]
+            out.extend(self._split(msgs, tools, head_sys, hist, u, steps, max_len, st))
+        st.pieces = len(out)
+        st.tokens = sum(len(d["input_ids"]) for d in out)
+        st.label_tokens = sum(sum(1 for x in d["labels"] if x != IGNORE_INDEX) for d in out)
+        if stats is not None:
+            stats.add(st)
+        return out
+
+    def _split(self, msgs, tools, head_sys, hist, u, steps, max_len, st) -> list[dict]:
+        head = head_sys + [u]
+        n_head = len(self._encode(msgs, head, tools, set())[0])
+
+        # Unit lengths, measured as what adding the unit to the bare prefix adds: every block
+        # starts and ends at special tokens (or at least at message boundaries), so lengths add.
+        def extra(keep):
+            return len(self._encode(msgs, keep, tools, set())[0]) - n_head
+
+        step_len = [extra(head + s) for s in steps]
+        hist_len = [extra(head_sys + h + [u]) for h in hist]
+        pieces, j = [], 0
+        while j < len(steps):
+            if n_head + step_len[j] > max_len:
+                st.dropped_steps += 1
+                st.dropped_step_tokens += step_len[j]
+                j += 1
+                continue
+            budget = max_len - n_head
+            run, used, k = [j], step_len[j], j + 1
+            while k < len(steps) and used + step_len[k] <= budget:
+                run.append(k)
+                used += step_len[k]
+                k += 1
+            ctx = []
+            for p in range(j - 1, -1, -1):
+                if used + step_len[p] > budget:
+                    break
+                ctx.insert(0, p)
+                used += step_len[p]
+            ctx_hist = []
+            if len(ctx) == j:  # earlier turns only if the whole turn so far is there
+                for h in range(len(hist) - 1, -1, -1):
+                    if used + hist_len[h] > budget:
+                        break
+                    ctx_hist.insert(0, h)
+                    used += hist_len[h]
+            while True:
+                keep = (head_sys + [i for h in ctx_hist for i in hist[h]] + [u]
+                        + [i for s in ctx + run for i in steps[s]])
+                ids, labels = self._encode(msgs, keep, tools, {steps[s][0] for s in run})
+                if len(ids) <= max_len:
+                    break
+                # lengths did not add exactly (a template joins neighbours): shed context, then steps
+                if ctx_hist:
+                    ctx_hist.pop(0)
+                elif ctx:
+                    ctx.pop(0)
+                elif len(run) > 1:
+                    run.pop()
+                else:
+                    break
+            if len(ids) > max_len:
+                st.dropped_steps += 1
+                st.dropped_step_tokens += step_len[j]
+                j += 1
+                continue
+            pieces.append({"input_ids": ids, "labels": labels})
+            j = run[-1] + 1
+        return pieces
+
+    def render_training(self, record: dict, max_len: int | None = None,
+                        stats: SplitStats | None = None) -> dict:
+        """All documents of `record` concatenated: dict(input_ids, labels, doc_lens, num_docs).
+
+        A single-turn record that fits is one document (`doc_lens == [len(input_ids)]`). Several
+        documents must never attend to each other: give each its own positions (`doc_lens`)."""
+        docs = self.render_documents(record, max_len=max_len, stats=stats)
+        return {"input_ids": [t for d in docs for t in d["input_ids"]],
+                "labels": [t for d in docs for t in d["labels"]],
+                "doc_lens": [len(d["input_ids"]) for d in docs], "num_docs": len(docs)}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _tool_call(i: int, name: str, args_text: str, call_id: str) -> dict:
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": None}}
+    try:
+        args = json.loads(args_text)
+    except json.JSONDecodeError as e:
+        call["function"]["arguments"] = args_text
+        call["error"] = f"tool call {i} ({name!r}): arguments are not valid JSON ({e}): {args_text!r:.200}"
+        return call
+    if not isinstance(args, dict):
+        call["function"]["arguments"] = args_text
+        call["error"] = f"tool call {i} ({name!r}): arguments must be a JSON object, got {type(args).__name__}"
+        return call
+    call["function"]["arguments"] = args
+    return call
+
+
+class TinyRenderer(Renderer):
+    """The K2-style format of `data.tokenizer`, rendered in Python; masks from special-token ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._backend = tokenizer.backend_tokenizer
+        tid = tokenizer.convert_tokens_to_ids
+        self.ids = {t: tid(t) for t in T.SPECIAL_TOKENS}
+        missing = [t for t, i in self.ids.items() if i is None or i == tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"TinyRenderer: tokenizer lacks the K2-style special tokens {missing}; "
+                             "train one with data.tokenizer.train_tokenizer")
+        self.stop_token_ids = [self.ids[T.IM_END]]
+        self._block_open = np.array([self.ids[t] for t in (T.IM_SYSTEM, T.IM_USER, T.IM_ASSISTANT, T.IM_TOOL)])
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def labels_from_ids(self, ids: Sequence[int], labelled_flags: Sequence[bool]) -> list[int]:
+        """Labels of a rendered document: assistant block k (in order) is labelled if
+        `labelled_flags[k]`, from after its `<|im_middle|>` through its `<|im_end|>`."""
+        a = np.asarray(ids, dtype=np.int64)
+        starts = np.flatnonzero(a == self.ids[T.IM_ASSISTANT])
+        if len(starts) != len(labelled_flags):
+            raise ValueError(f"rendered {len(starts)} assistant headers for {len(labelled_flags)} assistant messages: "
+                             f"a message's text contains the special token {T.IM_ASSISTANT!r}")
+        lab = np.full(len(a), IGNORE_INDEX, dtype=np.int64)
+        mids = np.flatnonzero(a == self.ids[T.IM_MIDDLE])
+        ends = np.flatnonzero(a == self.ids[T.IM_END])
+        for s, flag in zip(starts, labelled_flags):
+            if not flag:
+                continue
+            m = mids[np.searchsorted(mids, s)]
+            e_i = np.searchsorted(ends, s)
+            if e_i >= len(ends):
+                raise ValueError(f"assistant block at token {s} has no {T.IM_END!r}")
+            e = ends[e_i]
+            lab[m + 1:e + 1] = a[m + 1:e + 1]
+        return lab.tolist()
+
+    def _encode(self, messages, keep, tools, labelled):
+        text = render_text(messages, tools, keep=keep)
+        ids = self.encode_text(text)
+        flags = [i in labelled for i in keep if messages[i]["role"] == "assistant"]
+        n_blocks = len(keep) + (1 if tools else 0)
+        if int(np.count_nonzero(np.isin(np.asarray(ids), self._block_open))) != n_blocks:
+            raise ValueError(f"rendered {n_blocks} messages but found a different number of block openings: "
+                             "some message text contains one of the special tokens "
+                             f"{T.IM_SYSTEM}, {T.IM_USER}, {T.IM_ASSISTANT}, {T.IM_TOOL}")
+        return ids, self.labels_from_ids(ids, flags)
+
+    def render_prompt(self, messages, tools=None):
+        return self.encode_text(render_text(messages, tools, add_generation_prompt=True))
+
+    def parse_assistant(self, text_or_ids) -> dict:
+        """Generated assistant text (or ids) after the generation prompt -> an assistant message.
+
+        Malformed tool calls come back as entries with an "error" key (and the raw arguments
+        string), so the rollout loop can answer them with an error tool message."""
+        text = text_or_ids if isinstance(text_or_ids, str) else self.decode(text_or_ids)
+        out: dict[str, Any] = {"role": "assistant", "reasoning_content": "", "content": "", "tool_calls": []}
+        finished = text.endswith(T.IM_END)
+        if finished:
+            text = text[: -len(T.IM_END)]
+        if text.startswith(T.THINK):
+            body = text[len(T.THINK):]
+            if T.END_THINK in body:
+                out["reasoning_content"], text = body.split(T.END_THINK, 1)
+            else:  # generation stopped inside the thinking
+                out["reasoning_content"], text = body, ""
+                out["error"] = "generation ended inside <think> (no </think>)"
+        if T.SECTION_BEGIN not in text:
+            out["content"] = text
+        else:
+            out["content"], section = text.split(T.SECTION_BEGIN, 1)
+            if T.SECTION_END in section:
+                section = section.split(T.SECTION_END, 1)[0]
+            else:
+                out["error"] = f"tool-call section not closed ({T.SECTION_END} missing)"
+            for i, chunk in enumerate(section.split(T.CALL_BEGIN)[1:]):
+                if T.ARG_BEGIN not in chunk or T.CALL_END not in chunk:
+                    out["tool_calls"].append({"id": f"call_{i}", "type": "function",
+                                              "function": {"name": "", "arguments": chunk},
+                                              "error": f"tool call {i}: malformed ({T.ARG_BEGIN} or {T.CALL_END} missing)"})
+                    continue
+                head, rest = chunk.split(T.ARG_BEGIN, 1)
+                args = rest.split(T.CALL_END, 1)[0]
+                m = re.fullmatch(r"functions\.(.+):(\d+)", head.strip())
+                name, call_id = (m.group(1), head.strip()) if m else (head.strip(), f"call_{i}")
+                out["tool_calls"].append(_tool_call(i, name, args, call_id))
+        for k in (T.IM_END, T.IM_ASSISTANT, T.IM_USER, T.IM_SYSTEM, T.IM_TOOL):
+            if k in out["content"]:
+                out["error"] = f"unexpected {k!r} inside the generated content"
+        out["finished"] = finished
+        return out
+
+
+def strip_generation_markers(template: str) -> str:
+    """The inference variant of a training template: the same text without `{% generation %}` tags."""
+    return _GEN_MARKER_RE.sub("", template)
+
+
+def find_training_template(template: str) -> str | None:
+    """A shipped training variant (data/templates/*.jinja) whose markers-stripped text is `template`."""
+    for p in sorted(TEMPLATES_DIR.glob("*.jinja")):
+        t = p.read_text()
+        if strip_generation_markers(t).strip() == template.strip():
+            return t
+    return None
+
+
+class ChatTemplateRenderer(Renderer):
+    """A real model's chat template. Prompts use the tokenizer's own (inference) template; training
+    uses a variant with `{% generation %}` markers around what the model emits, so the assistant
+    mask of `apply_chat_template` is the loss mask. Markers must wrap exactly the assistant
+    messages after the last user message (the turn in progress), from after the role header
+    through the end-of-turn token."""
+
+    def __init__(self, tokenizer, training_template: str | None = None,
+                 thinking_open: str = "<think>", thinking_close: str = "</think>",
+                 call_open: str = "<tool_call>", call_close: str = "</tool_call>", end_of_turn: str | None = None):
+        self.tokenizer = tokenizer
+        tmpl = tokenizer.chat_template
+        if not isinstance(tmpl, str) or not tmpl:
+            raise ValueError("ChatTemplateRenderer: the tokenizer has no chat_template (a single string); set "
+                             "tokenizer.chat_template or pass training_template=")
+        if training_template is not None and Path(str(training_template)[:200]).suffix == ".jinja":
+            training_template = Path(training_template).read_text()
+        if training_template is None:
+            training_template = tmpl if _GEN_MARKER_RE.search(tmpl) else find_training_template(tmpl)
+        if training_template is None:
+            raise ValueError("ChatTemplateRenderer: the tokenizer's chat template has no {% generation %} markers and "
+                             f"no training variant in {TEMPLATES_DIR} matches it; pass training_template=<path.jinja> "
+                             "(the template with {% generation %}...{% endgeneration %} around assistant output)")
+        self.training_template = training_template
+        self.think = (thinking_open, thinking_close)
+        self.call = (call_open, call_close)
+        self.end_of_turn = end_of_turn or tokenizer.eos_token or "<|im_end|>"
+        eot = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        if eot is None or eot == tokenizer.unk_token_id:
+            raise ValueError(f"ChatTemplateRenderer: end_of_turn={self.end_of_turn!r} is not one token of the "
+                             "tokenizer; pass end_of_turn= the template's end-of-turn token")
+        self.stop_token_ids = [eot]
+
+    def _encode(self, messages, keep, tools, labelled):
+        sub = [messages[i] for i in keep]
+        out = self.tokenizer.apply_chat_template(sub, tools=tools or None, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=True,
+                                                 chat_template=self.training_template)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        last_user = max((j for j, m in enumerate(sub) if m["role"] == "user"), default=-1)
+        marked = [keep[j] for j, m in enumerate(sub) if m["role"] == "assistant" and j > last_user]
+        runs, prev = [], 0
+        for pos, bit in enumerate(mask):
+            if bit and not prev:
+                runs.append([pos, pos + 1])
+            elif bit:
+                runs[-1][1] = pos + 1
+            prev = bit
+        if len(runs) != len(marked):
+            raise ValueError(f"training template marked {len(runs)} spans for {len(marked)} assistant messages of the "
+                             "turn in progress; its {% generation %} markers must wrap each of them once")
+        labels = [IGNORE_INDEX] * len(ids)
+        for (a, b), i in zip(runs, marked):
+            if i in labelled:
+                labels[a:b] = ids[a:b]
+        return ids, labels
+
+    def render_prompt(self, messages, tools=None):
+        return list(self.tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=True,
+                                                       add_generation_prompt=True, return_dict=True)["input_ids"])
+
+    def parse_assistant(self, text_or_ids) -> dict:
+        """Qwen3/Hermes-style output: `<think>..</think>` then content, then `<tool_call>{json}</tool_call>`s."""
+        text = text_or_ids if isinstance(text_or_ids, str) else self.decode(text_or_ids)
+        out: dict[str, Any] = {"role": "assistant", "reasoning_content": "", "content": "", "tool_calls": []}
+        finished = text.endswith(self.end_of_turn)
+        if finished:
+            text = text[: -len(self.end_of_turn)]
+        o, c = self.think
+        if c in text:
+            r, text = text.split(c, 1)
+            out["reasoning_content"] = r.split(o, 1)[-1].strip("\n")
+            text = text.lstrip("\n")
+        co, cc = self.call
+        if co in text:
+            out["content"], rest = text.split(co, 1)
+            out["content"] = out["content"].rstrip("\n")
+            for i, chunk in enumerate((co + rest).split(co)[1:]):
+                if cc not in chunk:
+                    out["tool_calls"].append({"id": f"call_{i}", "type": "function",
+                                              "function": {"name": "", "arguments": chunk},
+                                              "error": f"tool call {i}: {cc!r} missing"})
+                    continue
+                body = chunk.split(cc, 1)[0].strip()
+                try:
+                    obj = json.loads(body)
+                    name, args = obj["name"], obj.get("arguments", {})
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    out["tool_calls"].append({"id": f"call_{i}", "type": "function",
+                                              "function": {"name": "", "arguments": body},
+                                              "error": f"tool call {i}: not a JSON object with a name ({e})"})
+                    continue
+                out["tool_calls"].append(_tool_call(i, name, json.dumps(args), f"call_{i}"))
+        else:
+            out["content"] = text
+        out["finished"] = finished
+        return out
+
+
+def get_renderer(tokenizer, training_template: str | None = None) -> Renderer:
+    """The tiny K2-style renderer for our tokenizer, the chat-template renderer otherwise."""
+    if getattr(tokenizer, "chat_template", None) == T.TINY_CHAT_TEMPLATE:
+        return TinyRenderer(tokenizer)
+    return ChatTemplateRenderer(tokenizer, training_template=training_template)
