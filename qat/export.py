@@ -1,0 +1,536 @@
+"""Real INT4 checkpoints: a transformers MoE model -> compressed-tensors "pack-quantized" directory.
+
+Replaces "save the BF16 model and run a PTQ tool over it": the routed experts are written as the
+INT4 codes and bf16 scales of the model's own fake quantizers (`fq.quantize`), so the checkpoint is
+bit for bit the weights that QAT trained against. A model without fake quant is quantized with
+round-to-nearest absmax (or the observer a QuantConfig names): the RTN baseline.
+
+The one idea: the checkpoint layout is transformers' own. Hub checkpoints keep one Linear per
+expert (`model.layers.L.mlp.experts.E.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.E.w1`),
+and transformers v5 fuses them into 3D tensors at load with the family's conversion mapping. We do
+not hard-code the inverse per family: we ask transformers' `revert_weight_conversion` (what its
+`save_pretrained` uses) where every row of every fused tensor goes, by reverting small index
+tensors, and then write the packed codes of those rows under those names. So transformers'
+`from_pretrained`, vLLM and SGLang see the layout they already load.
+
+Written: sharded safetensors (+ index), config.json with the compressed-tensors
+`quantization_config`, generation config, tokenizer with its chat template, and last of all
+`export_complete.json` (every file's size and sha256), so a partial or altered export fails to load.
+Streaming: tensors go out shard by shard; the only new memory is the shard being filled.
+
+    from qat import export_int4
+    export_int4(model, "out/int4", tokenizer=tok)
+    python -m qat.export input=runs/ckpt output=runs/int4        # the Hydra job (conf/export.yaml)
+
+Legend: E experts, O output channels, I input channels, G = I / group_size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .fake_quant import ExpertWeightFakeQuant, get_config, iter_quantized
+from .int4 import pack_int4
+
+log = logging.getLogger(__name__)
+
+MARKER = "export_complete.json"
+"""Written last: every other file of the export with its size and sha256."""
+PROVENANCE_KEY = "agentic_qat_export"
+"""config.json key saying this directory came from export_int4 (so a missing marker is an error)."""
+FORMAT_VERSION = 1
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# --- where each tensor goes on the hub --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows r0:r1 of expert e of a fused [E, O, ...] tensor, stored under `hub_key`."""
+
+    hub_key: str
+    expert: int
+    r0: int
+    r1: int
+
+
+def hub_layout(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, str | list[RowSlice]]:
+    """Hub name(s) of each named tensor, from transformers' own reverse conversion mapping.
+
+    For a 3D tensor [E, O, ...] that the mapping un-fuses: the list of RowSlices (in hub key
+    order); for anything else: its hub name (the same name unless the family renames it).
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probes, spans, next_id = {}, {}, 0
+    for name, shape in shapes.items():
+        if len(shape) == 3:
+            n = shape[0] * shape[1]
+            probes[name] = torch.arange(next_id, next_id + n, dtype=torch.int64).view(shape[0], shape[1], 1)
+        else:
+            n = 1
+            probes[name] = torch.tensor([next_id], dtype=torch.int64)
+        spans[name] = (next_id, n)
+        next_id += n
+    reverted = revert_weight_conversion(model, probes)
+    starts = sorted(start for start, _ in spans.values())
+    owner = {start: name for name, (start, _) in spans.items()}
+    layout: dict[str, Any] = {}
+    for hub_key, ids in reverted.items():
+        ids = ids.reshape(-1)
+        name = owner[starts[bisect.bisect_right(starts, int(ids[0])) - 1]]
+        start, n = spans[name]
+        if ids.numel() == n and torch.equal(ids, torch.arange(start, start + n)):
+            layout[name] = hub_key  # renamed (or not), not split
+            continue
+        shape = shapes[name]
+        local = ids - start
+        e, rows = local // shape[1], local % shape[1]
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        if not (bool((e == e[0]).all()) and torch.equal(rows, torch.arange(r0, r1))):
+            raise ValueError(f"transformers' conversion mapping splits {name} into {hub_key} in a way that is not "
+                             f"one row range of one expert; this family's layout is not supported by export_int4")
+        layout.setdefault(name, []).append(RowSlice(hub_key, int(e[0]), r0, r1))
+    missing = set(shapes) - set(layout)
+    assert not missing, f"revert_weight_conversion dropped {sorted(missing)[:5]}"
+    return layout
+
+
+# --- what gets quantized -----------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    attr: str
+    fq: ExpertWeightFakeQuant
+
+
+def _targets(model: nn.Module, quant_config: QuantConfig | None) -> tuple[list[_Target], QuantConfig, str]:
+    """The tensors to write as INT4 and how: the model's own fake quantizers if it was prepared,
+    else fresh quantizers of quant_config (default QuantConfig(): RTN absmax, K2 grid)."""
+    prepared_cfg = get_config(model)
+    if prepared_cfg is not None:
+        if quant_config is not None and quant_config != prepared_cfg:
+            raise ValueError("export_int4: the model was prepared with a QuantConfig that differs from the "
+                             "quant_config passed; the export uses the model's fake quantizers, so pass "
+                             "quant_config=None (or the same config)")
+        targets = [_Target(n, m, a, fq) for n, m, a, fq in iter_quantized(model)]
+        return targets, prepared_cfg, "fake_quant"
+    cfg = quant_config or QuantConfig()
+    patterns = [re.compile(p) for p in cfg.targets]
+    targets = []
+    for mod_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            if not any(p.search(full) for p in patterns):
+                continue
+            if not ((isinstance(module, nn.Linear) and attr == "weight") or
+                    (param.ndim == 3 and not isinstance(module, nn.Linear))):
+                raise ValueError(f"QuantConfig.targets matched {full} (shape {list(param.shape)}), which is not an "
+                                 f"expert weight; narrow the targets")
+            transposed = bool(getattr(module, "is_transposed", False)) and param.ndim == 3
+            targets.append(_Target(full, module, attr, ExpertWeightFakeQuant(cfg, param.data, transposed, full)))
+    if not targets:
+        raise ValueError(f"export_int4: QuantConfig.targets {list(cfg.targets)} matched no parameter of "
+                         f"{type(model).__name__}; is it a MoE model with routed experts?")
+    return targets, cfg, f"rtn_{cfg.observer}"
+
+
+def quantization_config_dict(cfg: QuantConfig, ignore: list[str]) -> dict[str, Any]:
+    """compressed-tensors `quantization_config` for symmetric INT4 group weights ("pack-quantized").
+
+    `targets: ["Linear"]` as Kimi-K2-Thinking ships it: in the hub layout every routed expert is a
+    Linear, and every other Linear (attention, shared experts, routers, lm_head) is in `ignore`.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ct_version = version("compressed-tensors")
+    except PackageNotFoundError:  # pragma: no cover - compressed-tensors is a dependency
+        ct_version = None
+    weights = {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": cfg.group_size,
+        "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "version": ct_version,
+    }
+
+
+# --- streaming shard writer --------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / 1000 -> bytes (decimal units, as transformers)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: use bytes or a size like '5GB', '500MB'")
+    units = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    return int(float(m.group(1)) * units[m.group(2).upper() if m.group(2) else None])
+
+
+class _ShardWriter:
+    """Collects tensors into a shard until max_bytes, then writes it; names it -of-N at the end."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+        self.peak_pending_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in keys for _, keys in self.files):
+            raise ValueError(f"export_int4: two tensors map to the same checkpoint name {name!r}")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+        self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        tmp = f"shard-{len(self.files):05d}.safetensors.tmp"
+        save_file(self.pending, str(self.out_dir / tmp), metadata={"format": "pt"})
+        self.files.append((tmp, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        n = len(self.files)
+        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, keys), final in zip(self.files, names):
+            os.replace(self.out_dir / tmp, self.out_dir / final)
+            weight_map.update({k: final for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            names.append(INDEX_FILE)
+        return names
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- the export --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What export_int4 wrote."""
+
+    out_dir: str
+    source: str
+    """"fake_quant" (the model's own quantizers) or "rtn_<observer>" (a model without fake quant)."""
+    quantized: list[str] = field(default_factory=list)
+    """Model parameter names written as INT4."""
+    num_int4_tensors: int = 0
+    """Per-expert hub tensors written (each with weight_packed, weight_scale, weight_shape)."""
+    files: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    peak_shard_bytes: int = 0
+    seconds: float = 0.0
+
+
+def _clear_previous_export(out: Path, overwrite: bool) -> None:
+    existing = [p for p in out.iterdir()] if out.exists() else []
+    if not existing:
+        return
+    if not overwrite:
+        raise ValueError(f"export_int4: out_dir {str(out)!r} is not empty; pass overwrite=True (job: overwrite=true) "
+                         f"or choose an empty directory")
+    # The marker goes first: from here on the directory reads as an incomplete export.
+    (out / MARKER).unlink(missing_ok=True)
+    for p in existing:
+        if p.name == MARKER:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
+                quant_config: QuantConfig | None = None, max_shard_size: int | str = "5GB",
+                overwrite: bool = False) -> ExportReport:
+    """Writes `model` as a compressed-tensors pack-quantized INT4 checkpoint in `out_dir`.
+
+    The routed experts (the model's fake-quantized tensors if it was prepared, else the tensors
+    `quant_config.targets` matches, RTN-quantized) become per-expert `weight_packed` (int32),
+    `weight_scale` (bf16, [O, I/group]) and `weight_shape` ([O, I]) under the hub's names;
+    everything else is written unchanged in its dtype. Returns an ExportReport.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    targets, cfg, source = _targets(model, quant_config)
+    if cfg.bits != 4:
+        raise ValueError(f"export_int4: QuantConfig.bits={cfg.bits}; the pack-quantized export writes 4-bit codes "
+                         f"only, set bits=4")
+    if cfg.grid not in ("k2", "full"):  # pragma: no cover - QuantConfig validates this
+        raise ValueError(f"QuantConfig.grid={cfg.grid!r}")
+    state = model.state_dict(keep_vars=True)
+    by_name = {t.name: t for t in targets}
+    # Observer state (clip ratios, learned scales) lives under the experts' `weight_fake_quant`: it
+    # is training state, not part of the checkpoint a loader reads.
+    skip_prefixes = tuple(t.name.rsplit(".", 1)[0] + ".weight_fake_quant." for t in targets)
+    names, seen = [], {}
+    for name, tensor in state.items():
+        if name.startswith(skip_prefixes) or ".weight_fake_quant." in name:
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen and name not in by_name:
+            log.info("export_int4: %s is tied to %s; written once", name, seen[key])
+            continue
+        if key is not None:
+            seen[key] = name
+        names.append(name)
+    missing = sorted(set(by_name) - set(names))
+    assert not missing, f"quantized tensors not in the state dict: {missing[:5]}"
+    layout = hub_layout(model, {n: tuple(state[n].shape) for n in names})
+    for t in targets:
+        if t.fq.transposed or isinstance(layout[t.name], str) and state[t.name].ndim == 3:
+            raise ValueError(
+                f"export_int4: {t.name} (shape {list(state[t.name].shape)}) has no per-expert layout in "
+                f"transformers' conversion mapping for model_type {model.config.model_type!r}, so compressed-"
+                f"tensors' per-Linear pack-quantized format cannot express it; supported: families whose hub "
+                f"checkpoints keep one Linear per expert (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3)")
+
+    # High precision: every module with a 2D weight that stays dense, except embeddings (not Linear).
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    ignore = []
+    for name in names:
+        if name in by_name or not name.endswith(".weight") or state[name].ndim != 2:
+            continue
+        module_name = name[: -len(".weight")]
+        if module_name in embeddings:
+            continue
+        hub = layout[name]
+        ignore.append(hub[: -len(".weight")] if isinstance(hub, str) else module_name)
+    if "lm_head" not in ignore:
+        ignore.append("lm_head")
+
+    _clear_previous_export(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, parse_size(max_shard_size))
+    report = ExportReport(out_dir=str(out), source=source)
+    for name in names:
+        tensor = state[name].detach()
+        where = layout[name]
+        if name in by_name:
+            t = by_name[name]
+            codes, scale = t.fq.quantize(getattr(t.module, t.attr))
+            scale = scale.to(cfg.torch_scale_dtype)
+            packed = pack_int4(codes)
+            in_features = codes.shape[-1]
+            slices = where if isinstance(where, list) else [RowSlice(where, -1, 0, codes.shape[-2])]
+            for s in slices:
+                sel = (lambda x: x[s.expert, s.r0:s.r1]) if s.expert >= 0 else (lambda x: x[s.r0:s.r1])
+                prefix = s.hub_key[: -len(".weight")] if s.hub_key.endswith(".weight") else s.hub_key
+                writer.add(f"{prefix}.weight_packed", sel(packed))
+                writer.add(f"{prefix}.weight_scale", sel(scale))
+                writer.add(f"{prefix}.weight_shape", torch.tensor([s.r1 - s.r0, in_features], dtype=torch.int64))
+                report.num_int4_tensors += 1
+            report.quantized.append(name)
+            del codes, scale, packed
+        elif isinstance(where, list):  # a dense fused tensor the mapping un-fuses (e.g. an excluded down_proj)
+            for s in where:
+                writer.add(s.hub_key, tensor[s.expert, s.r0:s.r1])
+        else:
+            writer.add(where, tensor)
+    report.files = writer.close()
+    report.total_bytes, report.peak_shard_bytes = writer.total_bytes, writer.peak_pending_bytes
+
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = quantization_config_dict(cfg, ignore)
+    config[PROVENANCE_KEY] = {"format_version": FORMAT_VERSION, "marker": MARKER, "source": source,
+                              "qat_config": cfg.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    }
+    tmp = out / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MARKER)  # the marker appears whole or not at all
+    report.files = sorted(manifest["files"]) + [MARKER]
+    report.seconds = time.perf_counter() - start
+    log.info("export_int4: %d tensors as INT4 (%d per-expert), %.1f MB in %d files, %.1fs -> %s",
+             len(report.quantized), report.num_int4_tensors, report.total_bytes / 1e6, len(report.files),
+             report.seconds, out)
+    return report
+
+
+class ExportIntegrityError(ValueError):
+    """The directory is an incomplete or altered export."""
+
+
+def verify_export(path: str | os.PathLike, *, hashes: bool = True) -> bool:
+    """Checks an export against its marker; True if verified, False if it is not one of ours.
+
+    Raises ExportIntegrityError (a ValueError) if config.json says export_int4 wrote it but the
+    marker is missing, or a listed file is missing, has another size, or (hashes=True) another sha256.
+    """
+    d = Path(path)
+    cfg_file = d / "config.json"
+    marker = d / MARKER
+    ours = False
+    if cfg_file.exists():
+        try:
+            ours = PROVENANCE_KEY in json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportIntegrityError(f"{cfg_file} is not valid JSON ({e}); the export is damaged, export again") from None
+    if not marker.exists():
+        if ours or (d / (MARKER + ".tmp")).exists():
+            raise ExportIntegrityError(
+                f"{d} is an incomplete INT4 export: {MARKER} (written last) is missing. The export was "
+                f"interrupted or the copy is partial; run the export again")
+        return False
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportIntegrityError(f"{marker} is damaged ({e!r}); export again") from None
+    for rel, meta in files.items():
+        p = d / rel
+        if not p.exists():
+            raise ExportIntegrityError(f"{d}: {rel} is listed in {MARKER} but missing; the export is incomplete, "
+                                       f"copy or export it again")
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            raise ExportIntegrityError(f"{d}: {rel} has {size} bytes, {MARKER} says {meta['bytes']}: truncated or "
+                                       f"altered; copy or export it again")
+        if hashes and sha256_file(p) != meta["sha256"]:
+            raise ExportIntegrityError(f"{d}: {rel} does not match its sha256 in {MARKER}: the file was altered; "
+                                       f"copy or export it again")
+    return True
+
+
+# --- the Hydra job -----------------------------------------------------------------------------
+
+
+def _observer_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Fake-quant observer tensors (`...weight_fake_quant.<attr>.clip_ratio` / `.scale`) saved with
+    a training checkpoint, from any of its safetensors files."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if ".weight_fake_quant." in key:
+                    state[key] = sf.get_tensor(key)
+    return state
+
+
+QAT_CONFIG_FILE = "qat_config.json"
+"""A training checkpoint's QuantConfig (QuantConfig.to_dict()); its presence means "export the QAT
+model": the job prepares the model with it and restores the observer state before exporting."""
+
+
+def export_from_checkpoint(cfg: Any) -> ExportReport:
+    """The `python -m qat.export` job (conf/export.yaml): checkpoint dir -> INT4 checkpoint dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import quant_config_from
+    from .fake_quant import prepare
+
+    cfg = dict(cfg)  # a plain dict or Hydra's DictConfig
+    src, dst = cfg.get("input"), cfg.get("output")
+    for key, value in (("input", src), ("output", dst)):
+        if value in (None, "", "???"):
+            raise ValueError(f"export: {key} is required, e.g. python -m qat.export input=runs/ckpt output=runs/int4")
+    src = Path(str(src))
+    if not (src / "config.json").exists():
+        raise ValueError(f"export: input={str(src)!r} has no config.json; point it at a training checkpoint or a "
+                         f"Hugging Face model directory")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: "auto"}
+    dtype_name = cfg.get("dtype")
+    if dtype_name not in dtypes:
+        raise ValueError(f"export: dtype={dtype_name!r}; choose one of {[k for k in dtypes if k]} or null (as saved)")
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtypes[dtype_name])
+    quant_config = None
+    qat_file = src / QAT_CONFIG_FILE
+    if qat_file.exists():
+        prepare(model, QuantConfig.from_dict(json.loads(qat_file.read_text())))
+        observers = _observer_state(src)
+        if observers:
+            result = model.load_state_dict(observers, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"export: observer state in {src} does not fit the prepared model: "
+                                 f"{result.unexpected_keys[:5]}")
+        log.info("export: QAT checkpoint (%s), %d observer tensors restored", qat_file, len(observers))
+    else:
+        quant_config = quant_config_from(cfg.get("qat") or {})
+        log.info("export: no %s in %s: round-to-nearest INT4 with %s", QAT_CONFIG_FILE, src, quant_config)
+    tokenizer = None
+    if any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    return export_int4(model, str(dst), tokenizer, quant_config=quant_config,
+                       max_shard_size=cfg.get("max_shard_size") or "5GB", overwrite=bool(cfg.get("overwrite")))
+
+
+def main() -> None:  # pragma: no cover - exercised by the integration test through a subprocess
+    import hydra
+
+    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(version_base=None, config_path=conf_dir, config_name="export")
+    def _main(cfg) -> None:
+        report = export_from_checkpoint(cfg)
+        print(json.dumps({k: v for k, v in report.__dict__.items() if k != "quantized"}, indent=2))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
