@@ -1,0 +1,296 @@
+"""The python worker that runs inside the sandbox: one per session, alive across calls.
+
+`sandbox_env.sandbox.Sandbox` starts this file (inside bubblewrap, or bare for
+`isolation="none"`) and talks to it over two inherited pipes with length-prefixed JSON
+messages. The one idea: the interpreter state of a session (variables, imports, the current
+directory) lives in this long-lived process, like a notebook kernel, so a call costs one
+round trip over a pipe instead of an interpreter start.
+
+It imports only the standard library (it must run under any interpreter the sandbox is given)
+and nothing of the project. It lowers its own privileges and resource limits before it reads
+the first request, so model-written code never runs with more.
+
+Protocol (both directions: 4-byte big-endian length, then UTF-8 JSON):
+  argv: worker.py REQ_FD RESP_FD CONFIG_JSON
+  worker -> host, once:  {"ready": true, "pid": int}
+  host -> worker:        {"op": "python" | "shell" | "exit", "code": str, "timeout": float}
+  worker -> host:        {"output": str, "ok": bool, "error": str | None, "timed_out": bool,
+                          "truncated": bool, "output_bytes": int, "exit_code": int | None}
+"""
+
+import ast
+import builtins
+import io
+import json
+import linecache
+import os
+import resource
+import signal
+import struct
+import sys
+import threading
+import traceback
+
+_HEADER = struct.Struct(">I")
+_SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
+
+
+class CellTimeout(BaseException):
+    """Raised into user code by SIGALRM. A BaseException, so `except Exception` does not swallow it."""
+
+
+def _read_exact(fd, n):
+    chunks = []
+    while n:
+        b = os.read(fd, n)
+        if not b:
+            return None
+        chunks.append(b)
+        n -= len(b)
+    return b"".join(chunks)
+
+
+def _recv(fd):
+    head = _read_exact(fd, _HEADER.size)
+    if head is None:
+        return None
+    body = _read_exact(fd, _HEADER.unpack(head)[0])
+    return None if body is None else json.loads(body)
+
+
+def _send(fd, obj):
+    data = json.dumps(obj).encode()
+    _write_all(fd, _HEADER.pack(len(data)) + data)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _drop_privileges(uid, gid):
+    # Only reached when the host ran bubblewrap as real root (see sandbox.py): the worker starts
+    # as root with CAP_SETUID/CAP_SETGID only, and becomes an unprivileged per-session uid here.
+    # Changing all three uids away from 0 clears every capability, and bwrap set no_new_privs.
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise SystemExit("sandbox worker: failed to drop root privileges")
+
+
+def _set_limits(limits):
+    for name, value in limits.items():
+        which = getattr(resource, name)
+        soft, hard = (value, value) if isinstance(value, int) else value
+        _, cur_hard = resource.getrlimit(which)
+        if cur_hard != resource.RLIM_INFINITY:  # never try to raise a hard limit set above us
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        resource.setrlimit(which, (soft, hard))
+
+
+class _Capture:
+    """Captures fds 1 and 2 of this process and of every child through one pipe.
+
+    Python-level prints and output of subprocesses (os.system, shell commands) land in the
+    same pipe in the order they were written. A reader thread keeps the first part and a
+    rolling tail within `cap` bytes and drops the middle, so a gigabyte of output costs no
+    memory. A call ends with a random sentinel written to the pipe; when the reader sees it,
+    everything the call wrote before it has been collected.
+    """
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.tail_cap = cap // 4
+        self.head_cap = cap - self.tail_cap
+        r, w = os.pipe()
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        self._sentinel_fd = w  # non-inheritable (os.pipe), so children never get it
+        self._r = r
+        self._sentinel = b"\x00aq-end-" + os.urandom(12).hex().encode() + b"\x00"
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._reset()
+        self.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                       errors="backslashreplace", line_buffering=True)
+        self.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                       errors="backslashreplace", line_buffering=True)
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reset(self):
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def _keep(self, data):
+        self.total += len(data)
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > 2 * self.tail_cap + 65536:
+                del self.tail[: len(self.tail) - self.tail_cap]
+
+    def _reader(self):
+        keep_back = len(self._sentinel) - 1
+        pending = b""
+        while True:
+            chunk = os.read(self._r, 65536)
+            if not chunk:
+                return
+            data = pending + chunk
+            with self._lock:
+                i = data.find(self._sentinel)
+                if i >= 0:
+                    self._keep(data[:i])
+                    pending = data[i + len(self._sentinel):]
+                    self._done.set()
+                    continue
+                cut = max(len(data) - keep_back, 0)
+                self._keep(data[:cut])
+                pending = data[cut:]
+
+    def restore_streams(self):
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+
+    def finish(self):
+        """Returns (text, total_bytes, truncated) of everything written since the last finish."""
+        for stream in (sys.stdout, sys.stderr, self.stdout, self.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        self.restore_streams()
+        self._done.clear()
+        _write_all(self._sentinel_fd, self._sentinel)
+        self._done.wait(5.0)
+        with self._lock:
+            total, head, tail = self.total, bytes(self.head), bytes(self.tail)
+            self._reset()
+        if total <= self.cap:
+            return (head + tail).decode("utf-8", "replace"), total, False
+        tail = tail[len(tail) - self.tail_cap:] if self.tail_cap else b""
+        marker = f"\n[... output truncated: {total - len(head) - len(tail)} of {total} bytes omitted ...]\n"
+        return head.decode("utf-8", "replace") + marker + tail.decode("utf-8", "replace"), total, True
+
+
+def _on_alarm(signum, frame):
+    raise CellTimeout()
+
+
+def _user_traceback(exc):
+    """The traceback without this file's frames: the model should see only its own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class _Kernel:
+    def __init__(self, capture):
+        self.capture = capture
+        self.globals = {"__name__": "__main__", "__builtins__": builtins}
+        self.cell = 0
+
+    def run_python(self, code, timeout):
+        self.cell += 1
+        filename = f"<cell {self.cell}>"
+        # Registering the source lets tracebacks quote the failing line, as in a notebook.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        error, timed_out = None, False
+        try:
+            tree = ast.parse(code, filename, "exec")
+            # Notebook rule: a trailing expression's value is shown (its repr).
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            body = compile(tree, filename, "exec")
+            tail = compile(ast.Expression(last.value), filename, "eval") if last is not None else None
+        except SyntaxError as e:
+            sys.stderr.write("".join(traceback.format_exception_only(type(e), e)))
+            return False, f"SyntaxError: {e.msg} (line {e.lineno})", False
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            exec(body, self.globals)
+            if tail is not None:
+                value = eval(tail, self.globals)
+                if value is not None:
+                    self.globals["_"] = value
+                    print(repr(value))
+        except CellTimeout:
+            timed_out = True
+            error = (f"TimeoutError: the code ran longer than timeout_s={timeout:g} and was interrupted; "
+                     "the interpreter state is kept")
+            sys.stderr.write(f"\n{error}\n")
+        except BaseException as e:  # user code may raise anything, SystemExit included
+            sys.stderr.write(_user_traceback(e))
+            error = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return error is None, error, timed_out
+
+    def run_shell(self, command, timeout, cwd):
+        import subprocess  # lazily: most sessions never call the shell
+
+        exit_code, timed_out = None, False
+        try:
+            proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, cwd=cwd,
+                                    start_new_session=True)
+        except OSError as e:
+            return False, f"could not start the shell: {e}", False, None
+        try:
+            exit_code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command's whole process group
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        if timed_out:
+            return False, f"TimeoutError: the command ran longer than timeout_s={timeout:g} and was killed", True, None
+        if exit_code == 0:
+            return True, None, False, 0
+        if exit_code < 0:
+            name = _SIGNAL_NAMES.get(-exit_code, str(-exit_code))
+            return False, f"the command was killed by signal {name}", False, exit_code
+        return False, f"the command exited with status {exit_code}", False, exit_code
+
+
+def main():
+    req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
+    cfg = json.loads(sys.argv[3])
+    os.set_inheritable(req_fd, False)  # children (shell commands, os.system) must not see the protocol
+    os.set_inheritable(resp_fd, False)
+    if cfg.get("uid") is not None and os.getuid() == 0:
+        _drop_privileges(cfg["uid"], cfg["gid"])
+    _set_limits(cfg["limits"])
+    # A write past RLIMIT_FSIZE then fails with EFBIG in the writer instead of killing the worker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    os.chdir(cfg["workdir"])
+    os.environ["PWD"] = cfg["workdir"]
+    sys.path[0:0] = [""]  # like `python -c`: the work dir is importable
+    capture = _Capture(cfg["max_output_bytes"])
+    capture.restore_streams()
+    kernel = _Kernel(capture)
+    _send(resp_fd, {"ready": True, "pid": os.getpid()})
+    while True:
+        req = _recv(req_fd)
+        if req is None or req["op"] == "exit":
+            return
+        capture.restore_streams()
+        exit_code = None
+        if req["op"] == "python":
+            ok, error, timed_out = kernel.run_python(req["code"], req["timeout"])
+        else:
+            ok, error, timed_out, exit_code = kernel.run_shell(req["code"], req["timeout"], cfg["workdir"])
+        output, total, truncated = capture.finish()
+        _send(resp_fd, {"output": output, "ok": ok, "error": error, "timed_out": timed_out,
+                        "truncated": truncated, "output_bytes": total, "exit_code": exit_code})
+
+
+if __name__ == "__main__":
+    main()
