@@ -226,30 +226,41 @@ class Int4Linear(nn.Module):
 # --- the experts implementation -----------------------------------------------------------------
 
 
+def _expert_proj(self: nn.Module, proj: str, x: torch.Tensor, e: int) -> torch.Tensor:
+    """x @ W^T of projection `proj` ("gate_up", "up", "down") of expert e, INT4 if the module holds
+    it packed (`<proj>_int4`), else its dense fused parameter (`<proj>_proj`, maybe transposed)."""
+    packed = getattr(self, f"{proj}_int4", None)
+    y = packed.mm(x, e) if packed is not None else (
+        x @ getattr(self, f"{proj}_proj")[e] if self.is_transposed else x @ getattr(self, f"{proj}_proj")[e].t())
+    if self.has_bias:
+        y = y + getattr(self, f"{proj}_proj_bias")[e]
+    return y
+
+
+def _num_experts(self: nn.Module) -> int:
+    down = getattr(self, "down_int4", None)
+    return down.num_experts if down is not None else self.down_proj.shape[0]
+
+
 def int4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts forward over INT4 weights: the eager loop of the model's own experts
     module (tokens grouped per hit expert, gate by the module's `_apply_gate`, biases if any),
     with each expert's two matmuls on the packed weights (`gate_up_int4`/`up_int4`, `down_int4`)."""
     final_TH = torch.zeros_like(hidden_states)
-    num_experts = self.down_int4.num_experts
+    num_experts = _num_experts(self)
     with torch.no_grad():
         # Out-of-range ids are expert-parallel sentinels (another rank's experts): skip them.
         hit = torch.unique(top_k_index)
         hit = hit[(hit >= 0) & (hit < num_experts)].tolist()
-    first_proj = self.gate_up_int4 if self.has_gate else self.up_int4
-    first_bias = getattr(self, "gate_up_proj_bias" if self.has_gate else "up_proj_bias", None) if self.has_bias else None
-    down_bias = getattr(self, "down_proj_bias", None) if self.has_bias else None
     for e in hit:
         token_idx, top_k_pos = torch.where(top_k_index == e)
         x = hidden_states[token_idx]
-        h = first_proj.mm(x, e)
-        if first_bias is not None:
-            h = h + first_bias[e]
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = self.down_int4.mm(h, e)
-        if down_bias is not None:
-            y = y + down_bias[e]
+        if self.has_gate:
+            h = self._apply_gate(_expert_proj(self, "gate_up", x, e))
+        else:
+            h = self.act_fn(_expert_proj(self, "up", x, e))
+        y = _expert_proj(self, "down", h, e)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         y = y * top_k_weights[token_idx, top_k_pos, None]
