@@ -34,7 +34,7 @@ class ArithFamily(TaskFamily):
         if kind == "power_mod":
             return {"kind": kind, "a": str(_big(rng, 15, 25)), "e": rng.randint(10**5, 10**7), "m": str(_big(rng, 10, 15))}
         if kind == "factorial_digit_sum":
-            return {"kind": kind, "n": rng.randint(100, 2000)}
+            return {"kind": kind, "n": rng.randint(100, 1400)}  # n! stays under python's 4300-digit str() limit
         return {"kind": kind, "n": rng.randint(1000, 50000), "p": rng.randint(3, 9)}
 
     def build(self, p: dict[str, Any]) -> tuple[str, str, dict[str, str]]:

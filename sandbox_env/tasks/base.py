@@ -114,7 +114,7 @@ class TaskFamily:
     name: str = ""
     tools: tuple[str, ...] = ()
     case_sensitive: bool = False
-    rel_tol: float = 1e-6
+    rel_tol: float = 1e-9  # floats only (sums of cents): tight enough that one cent in 1e6 counts
     max_draws: int = 2000
 
     def __init__(self, tag: str | None = None):

@@ -7,6 +7,7 @@ computes the reference with the same algorithms.
 
 from __future__ import annotations
 
+import bisect
 import random
 from functools import lru_cache
 from typing import Any
@@ -26,6 +27,11 @@ def _sieve(limit: int = 2_000_001) -> bytearray:
         if s[i]:
             s[i * i :: i] = bytearray(len(range(i * i, limit, i)))
     return s
+
+
+@lru_cache(maxsize=1)
+def _primes() -> list[int]:
+    return [i for i, isp in enumerate(_sieve()) if isp]
 
 
 def _is_prime(n: int) -> bool:
@@ -107,15 +113,10 @@ class PrimesFamily(TaskFamily):
 
     def build(self, p: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
         k, n = p["kind"], p["n"]
-        s = _sieve()
         if k == "nth_prime":
-            count = 0
-            for i, isp in enumerate(s):
-                count += isp
-                if count == n:
-                    return f"What is the {n}th prime number (2 is the 1st)?", str(i), {}
+            return f"What is the {n}th prime number (2 is the 1st)?", str(_primes()[n - 1]), {}
         if k == "prime_count":
-            return f"How many prime numbers are there below {n}?", str(sum(s[:n])), {}
+            return f"How many prime numbers are there below {n}?", str(bisect.bisect_left(_primes(), n)), {}
         if k == "next_prime":
             m = n + 1
             while not _is_prime(m):

@@ -1,0 +1,203 @@
+"""Policies: the scripted teacher in real sandboxes (every family, several seeds, with and
+without mistakes) and the OpenAI-compatible teacher against a local HTTP server."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import json
+import threading
+
+import pytest
+
+from data.schema import validate_record
+from sandbox_env.corpus import CorpusConfig, ensure_corpus
+from sandbox_env.policies import (
+    AssistantStep,
+    EpisodeState,
+    OpenAITeacher,
+    ScriptedTeacher,
+    build_policy,
+    to_openai_messages,
+)
+from sandbox_env.rollout import Budgets, ToolEnv, run_episode
+from sandbox_env.tasks import family_names, get_family
+
+VARIANTS = [(n, {}) for n in family_names() if n != "retrieval"] + [("retrieval", {"hops": 1}), ("retrieval", {"hops": 3})]
+IDS = [f"{n}{kw.get('hops', '')}" for n, kw in VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    corpus, index_path = ensure_corpus(CorpusConfig(), tmp_path_factory.mktemp("corpus"))
+    return corpus, ToolEnv(index_path=index_path)
+
+
+def family(world, name, kw):
+    return get_family(name, corpus=world[0], **kw) if name == "retrieval" else get_family(name, **kw)
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
+def test_scripted_teacher_solves_every_family(world, name, kw):
+    fam = family(world, name, kw)
+    for split, index in [("train", 0), ("train", 1), ("heldout", 0)]:
+        task = fam.make(split, index, seed=5)
+        rec = run_episode(task, ScriptedTeacher(0.0), world[1], family=fam, seed=index)
+        validate_record(rec)
+        m = rec["metadata"]
+        assert rec["verdict"]["correct"], (task.prompt, rec["messages"][-3:])
+        assert m["mistakes"] == m["invalid_tool_calls"] == m["tool_errors"] == 0
+        assert m["tool_calls"] >= 1 and m["budget_exhausted"] is None
+        assert rec["task"] == task.to_record()
+        # genuine thinking: every assistant turn explains itself, the answer follows the convention
+        assert all(msg.get("reasoning_content") for msg in rec["messages"] if msg["role"] == "assistant")
+        assert rec["messages"][-1]["content"].splitlines()[-1].startswith("Answer: ")
+    if kw.get("hops") == 3:  # 3 documents: a search and an open each
+        assert m["tool_calls"] == 6
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
+def test_mistakes_are_observed_and_corrected(world, name, kw):
+    fam = family(world, name, kw)
+    for index in range(3):
+        task = fam.make("train", index)
+        rec = run_episode(task, ScriptedTeacher(1.0), world[1], family=fam, seed=index)
+        validate_record(rec)
+        assert rec["verdict"]["correct"], rec["messages"][-4:]
+        msgs, m = rec["messages"], rec["metadata"]
+        assert m["mistakes"] >= 1
+        # every mistake: a failing tool result, then a turn whose thinking reads the failure and
+        # repeats the same tool
+        failures = [i for i, x in enumerate(msgs) if x["role"] == "tool" and ("Error" in x["content"] or "No such file" in x["content"] or "not found" in x["content"])]
+        assert len(failures) >= m["mistakes"]
+        for i in failures[: m["mistakes"]]:
+            fix = msgs[i + 1]
+            assert fix["role"] == "assistant"
+            assert any(w in fix["reasoning_content"] for w in ("rejected", "did not work"))
+            assert fix["tool_calls"][0]["function"]["name"] == msgs[i]["name"]
+
+
+def test_mistake_rate_between_zero_and_one_mixes(world):
+    fam = family(world, "retrieval", {"hops": 4})
+    counts = [run_episode(fam.make("train", i), ScriptedTeacher(0.3), world[1], family=fam)["metadata"]["mistakes"] for i in range(6)]
+    assert sum(counts) > 0 and min(counts) < max(counts)
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
+def test_teacher_reads_answers_from_tools_not_from_the_reference(world, name, kw):
+    """The teacher is given a poisoned reference answer; it must still answer right (judged
+    against the true task), because it only ever reads tool outputs."""
+    fam = family(world, name, kw)
+    task = fam.make("train", 3)
+    poisoned = dataclasses.replace(task, answer="POISON-0")
+    rec = run_episode(poisoned, ScriptedTeacher(0.0), world[1], family=fam)
+    final = rec["messages"][-1]["content"]
+    assert "POISON" not in json.dumps(rec["messages"])
+    assert fam.verify(task, final)["correct"]
+
+
+def test_build_policy_from_config_and_errors():
+    assert isinstance(build_policy({"kind": "scripted", "mistake_rate": 0.2}), ScriptedTeacher)
+    with pytest.raises(ValueError, match="policy.kind must be"):
+        build_policy({"kind": "nope"})
+    with pytest.raises(ValueError, match="mistake_rate must be in"):
+        ScriptedTeacher(1.5)
+    with pytest.raises(ValueError, match="policy.model is empty"):
+        OpenAITeacher(base_url="http://127.0.0.1:1/v1", model="")
+
+
+# ----------------------------------------------------------------------------- OpenAI teacher
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    requests: list
+
+
+def _handler(replies):
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.server.requests.append((self.path, body))
+            reply = replies[min(len(self.server.requests) - 1, len(replies) - 1)]
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    return H
+
+
+def _completion(message, finish="stop"):
+    return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "tiny",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+@pytest.fixture
+def server():
+    replies: list = []
+    srv = _Server(("127.0.0.1", 0), _handler(replies))
+    srv.requests = []
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv, replies
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_teacher_drives_a_real_episode(server, world):
+    srv, replies = server
+    fam = get_family("arith")
+    task = fam.make("train", 0)
+    code = f"print({task.params['a']} * {task.params['b']})" if task.params["kind"] == "product" else "print(6 * 7)"
+    replies += [
+        _completion({"content": None, "reasoning_content": "I should compute this with python.",
+                     "tool_calls": [{"id": "srv-1", "type": "function", "function": {"name": "python", "arguments": json.dumps({"code": code})}}]}, "tool_calls"),
+        _completion({"content": "<think>The tool printed the value.</think>Done.\n\nAnswer: 42"}),
+    ]
+    teacher = OpenAITeacher(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", model="tiny", temperature=0.0, max_retries=0)
+    rec = run_episode(task, teacher, ToolEnv(tools=("python",)), Budgets(max_total_tokens=5000), family=fam)
+    validate_record(rec)
+    msgs = rec["messages"]
+    assert msgs[2]["reasoning_content"] == "I should compute this with python."
+    assert msgs[2]["tool_calls"][0]["function"]["arguments"] == {"code": code}  # a dict in the record
+    assert msgs[3]["role"] == "tool" and msgs[3]["content"].strip() == (str(int(task.params["a"]) * int(task.params["b"])) if task.params["kind"] == "product" else "42")
+    assert msgs[4]["reasoning_content"] == "The tool printed the value." and msgs[4]["content"].startswith("Done.")
+    assert rec["metadata"]["policy"] == "openai:tiny"
+    # what the server saw: tools, OpenAI-form messages (arguments as JSON text), the token cap
+    path, first = srv.requests[0]
+    assert path.endswith("/chat/completions")
+    assert [t["function"]["name"] for t in first["tools"]] == ["python"]
+    assert first["model"] == "tiny" and first["max_tokens"] == 5000
+    _, second = srv.requests[1]
+    call = second["messages"][2]["tool_calls"][0]
+    assert isinstance(call["function"]["arguments"], str) and json.loads(call["function"]["arguments"]) == {"code": code}
+    assert second["messages"][3] == {"role": "tool", "content": msgs[3]["content"], "tool_call_id": "call_0", "name": "python"}
+    assert "reasoning_content" not in second["messages"][2]  # thinking is not sent back by default
+    assert second["max_tokens"] < 5000  # the first turn's tokens were spent
+
+
+def test_openai_teacher_passes_malformed_arguments_to_the_loop(server):
+    srv, replies = server
+    replies.append(_completion({"content": "", "reasoning": "calling",
+                                "tool_calls": [{"id": "x", "type": "function", "function": {"name": "python", "arguments": "{not json"}}]}))
+    teacher = OpenAITeacher(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", model="m", max_tokens=64, max_retries=0)
+    state = EpisodeState(task=None, family=None, seed=0, tokens_left=1000)
+    step = teacher.act([{"role": "user", "content": "hi"}], [], state)
+    assert step == AssistantStep(reasoning_content="calling", content="", tool_calls=step.tool_calls)
+    assert step.tool_calls[0].arguments == "{not json" and step.tool_calls[0].name == "python"
+    assert srv.requests[0][1]["max_tokens"] == 64 and "tools" not in srv.requests[0][1]
+
+
+def test_to_openai_messages_can_send_reasoning():
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "reasoning_content": "r",
+             "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "python", "arguments": {"code": "1"}}}]}]
+    out = to_openai_messages(msgs, send_reasoning=True)
+    assert out[1]["reasoning_content"] == "r" and out[1]["tool_calls"][0]["function"]["arguments"] == '{"code": "1"}'
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"code": "1"}  # the input is not modified
