@@ -8,3 +8,11 @@ from sandbox_env.search_index import SearchIndex
 from sandbox_env.tools import ToolBox, ToolResult
 
 __all__ = ["Sandbox", "SandboxConfig", "RunResult", "SearchIndex", "ToolBox", "ToolResult"]
+
+# The rollout loop, its policies and the task families (stdlib only as well).
+from sandbox_env.policies import AssistantStep, EpisodeState, OpenAITeacher, ScriptedTeacher, ToolCall  # noqa: E402
+from sandbox_env.rollout import Budgets, TokenCounter, ToolEnv, run_episode  # noqa: E402
+from sandbox_env.tasks import Task, TaskFamily, get_family  # noqa: E402
+
+__all__ += ["AssistantStep", "EpisodeState", "OpenAITeacher", "ScriptedTeacher", "ToolCall", "Budgets", "TokenCounter",
+            "ToolEnv", "run_episode", "Task", "TaskFamily", "get_family"]

@@ -201,3 +201,16 @@ def test_to_openai_messages_can_send_reasoning():
     out = to_openai_messages(msgs, send_reasoning=True)
     assert out[1]["reasoning_content"] == "r" and out[1]["tool_calls"][0]["function"]["arguments"] == '{"code": "1"}'
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"code": "1"}  # the input is not modified
+
+
+def test_long_horizon_chain_with_context_management(world):
+    """12 documents: tens of tool calls; with a small context budget old results get hidden,
+    and the teacher still answers right because its thinking carried each fact forward."""
+    fam = family(world, "retrieval", {"hops": 12})
+    rec = run_episode(fam.make("train", 0), ScriptedTeacher(0.1), world[1],
+                      Budgets(context_budget=3000, keep_last_tool_outputs=2, max_steps=64), family=fam)
+    validate_record(rec)
+    m = rec["metadata"]
+    assert rec["verdict"]["correct"] and m["tool_calls"] >= 24 and m["context_hidden"] > 0
+    tools = [x for x in rec["messages"] if x["role"] == "tool"]
+    assert all(x["content"] != "[tool output hidden to save context]" for x in tools[-2:])
