@@ -29,6 +29,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 
 _HEADER = struct.Struct(">I")
@@ -78,6 +79,12 @@ def _drop_privileges(uid, gid):
     os.setresuid(uid, uid, uid)
     if os.getuid() == 0 or os.geteuid() == 0:
         raise SystemExit("sandbox worker: failed to drop root privileges")
+    # The uid change made the process non-dumpable, which hands its /proc/self files to root:
+    # the code could not even read /proc/self/status. Dumpable again, as after a plain exec
+    # (core dumps stay off: RLIMIT_CORE is 0).
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE = 4
 
 
 def _set_limits(limits):
@@ -155,6 +162,10 @@ class _Capture:
                 pending = data[cut:]
 
     def restore_streams(self):
+        # Repairs whatever the last call did to its output: closed or redirected fds 1 and 2,
+        # replaced sys.stdout/sys.stderr.
+        os.dup2(self._sentinel_fd, 1)
+        os.dup2(self._sentinel_fd, 2)
         sys.stdout, sys.stderr = self.stdout, self.stderr
 
     def finish(self):
@@ -194,6 +205,7 @@ class _Kernel:
     def __init__(self, capture):
         self.capture = capture
         self.globals = {"__name__": "__main__", "__builtins__": builtins}
+        self.pid = os.getpid()
         self.cell = 0
 
     def run_python(self, code, timeout):
@@ -225,10 +237,22 @@ class _Kernel:
                      "the interpreter state is kept")
             sys.stderr.write(f"\n{error}\n")
         except BaseException as e:  # user code may raise anything, SystemExit included
-            sys.stderr.write(_user_traceback(e))
             error = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
+            try:
+                sys.stderr.write(_user_traceback(e))
+            except Exception:  # the code may have broken sys.stderr itself
+                pass
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            if os.getpid() != self.pid:
+                # A child forked by the user code got back here: it must never speak the
+                # protocol (it would answer or steal requests), so it ends now.
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(0)
         return error is None, error, timed_out
 
     def run_shell(self, command, timeout, cwd):
@@ -244,11 +268,19 @@ class _Kernel:
             exit_code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the command's whole process group
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            # Kill the command's whole process group, and keep at it until the group is gone:
+            # the shell may exit before its children, and a child already inside a write()
+            # finishes that write after SIGKILL. Output after our end-of-call sentinel would
+            # leak into the next call.
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                if proc.poll() is None:
+                    proc.wait()
+                time.sleep(0.002)
         if timed_out:
             return False, f"TimeoutError: the command ran longer than timeout_s={timeout:g} and was killed", True, None
         if exit_code == 0:
@@ -272,7 +304,10 @@ def main():
     signal.signal(signal.SIGALRM, _on_alarm)
     os.chdir(cfg["workdir"])
     os.environ["PWD"] = cfg["workdir"]
+    # The worker runs with -S (site processing costs more than the rest of the start), so the
+    # interpreter's site-packages are added here, without executing their .pth files.
     sys.path[0:0] = [""]  # like `python -c`: the work dir is importable
+    sys.path += [p for p in cfg.get("site_dirs", ()) if p not in sys.path]
     capture = _Capture(cfg["max_output_bytes"])
     capture.restore_streams()
     kernel = _Kernel(capture)
@@ -283,10 +318,14 @@ def main():
             return
         capture.restore_streams()
         exit_code = None
-        if req["op"] == "python":
-            ok, error, timed_out = kernel.run_python(req["code"], req["timeout"])
-        else:
-            ok, error, timed_out, exit_code = kernel.run_shell(req["code"], req["timeout"], cfg["workdir"])
+        try:
+            if req["op"] == "python":
+                ok, error, timed_out = kernel.run_python(req["code"], req["timeout"])
+            else:
+                ok, error, timed_out, exit_code = kernel.run_shell(req["code"], req["timeout"], cfg["workdir"])
+        except BaseException as e:  # e.g. a second CellTimeout landing in our own code
+            ok, error, timed_out = False, f"{type(e).__name__} in the sandbox worker: {e}", isinstance(e, CellTimeout)
+            signal.setitimer(signal.ITIMER_REAL, 0)
         output, total, truncated = capture.finish()
         _send(resp_fd, {"output": output, "ok": ok, "error": error, "timed_out": timed_out,
                         "truncated": truncated, "output_bytes": total, "exit_code": exit_code})

@@ -174,6 +174,18 @@ def _interpreter_roots(python: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=8)
+def _site_dirs(python: str) -> tuple[str, ...]:
+    """The interpreter's site-packages dirs (the worker runs with -S and adds them itself)."""
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        path = sys.path
+    else:
+        out = subprocess.run([python, "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
+                             capture_output=True, text=True, timeout=30)
+        path = json.loads(out.stdout) if out.returncode == 0 else []
+    return tuple(p for p in path if os.path.basename(p) in ("site-packages", "dist-packages"))
+
+
+@functools.lru_cache(maxsize=8)
 def _static_bwrap_args(python: str, tmpfs_bytes: int, root_mode: bool) -> tuple[str, ...]:
     args = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "sandbox", "--new-session", "--die-with-parent"]
@@ -329,11 +341,8 @@ class Sandbox:
             why = _describe_death(self._proc.returncode, self.config, self._bwrap is not None)
             self._stop_worker()
             notice = f"[note: {why} after the previous call; the interpreter was restarted and its state was lost]"
-        if self._proc is None:
-            had_worker = self.worker_starts > 0
+        if self._proc is None:  # first call, or the previous call killed it (and said so)
             self._start_worker()
-            if had_worker and notice is None:
-                notice = "[note: the interpreter was restarted after the previous call failed; its state was lost]"
         request = json.dumps({"op": op, "code": code, "timeout": timeout}).encode()
         try:
             _write_all(self._req_w, _HEADER.pack(len(request)) + request)
@@ -346,6 +355,11 @@ class Sandbox:
                              truncated=resp["truncated"], exit_code=resp["exit_code"],
                              state_lost=notice is not None, duration_s=time.monotonic() - t0)
         # The worker hung past the grace period or died mid-call: kill the whole sandbox.
+        if resp != "timeout":
+            try:  # a worker that exited: let bwrap report its status before we kill anything
+                self._proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
         returncode = self._stop_worker()
         if resp == "timeout":
             error = (f"TimeoutError: the call ran longer than timeout_s={timeout:g} and did not yield, so the "
@@ -446,8 +460,8 @@ class Sandbox:
         else:
             home, workdir, script = self.workdir, self.workdir, _WORKER_SRC
         worker_cfg = {"uid": self._uid, "gid": self._gid, "limits": limits, "workdir": workdir,
-                      "max_output_bytes": cfg.max_output_bytes}
-        cmd = [self.python, "-I", "-B", script, str(req_r), str(resp_w), json.dumps(worker_cfg)]
+                      "max_output_bytes": cfg.max_output_bytes, "site_dirs": _site_dirs(self.python)}
+        cmd = [self.python, "-I", "-S", "-B", script, str(req_r), str(resp_w), json.dumps(worker_cfg)]
         env = _clean_env(self.python, home)
         if not self._bwrap:
             return cmd, env
