@@ -168,7 +168,8 @@ class ToolBox:
             if spec["type"] == "integer" and isinstance(value, float) and value.is_integer():
                 arguments[key] = value = int(value)
             if not isinstance(value, types) or (isinstance(value, bool) and spec["type"] != "boolean"):
-                problems.append(f"argument {key!r} must be a {spec['type']}, got {json.dumps(value)[:60]}")
+                article = "an" if spec["type"][0] in "aeiou" else "a"
+                problems.append(f"argument {key!r} must be {article} {spec['type']}, got {json.dumps(value)[:60]}")
                 continue
             lo, hi = spec.get("minimum"), spec.get("maximum")
             if (lo is not None and value < lo) or (hi is not None and value > hi):
