@@ -139,7 +139,7 @@ def collate_padded(docs: Sequence[Doc], pad_id: int, pad_to_multiple_of: int = 8
 
 def _to_docs(renderer: Renderer, rec: dict, seq_len: int, stats: SplitStats) -> list[Doc]:
     return [Doc(np.asarray(d["input_ids"], dtype=np.int32), np.asarray(d["labels"], dtype=np.int32))
-            for d in renderer.render_documents(rec, max_len=seq_len, stats=stats)]
+            for d in renderer.render_documents(rec, max_len=seq_len, stats=stats, as_numpy=True)]
 
 
 class TrajectoryLoader:

@@ -174,8 +174,9 @@ class Renderer:
 
     # -- shared
     def render_documents(self, record: dict, max_len: int | None = None,
-                         stats: SplitStats | None = None) -> list[dict]:
-        """One document per user turn (split to fit `max_len`); each a dict(input_ids, labels)."""
+                         stats: SplitStats | None = None, as_numpy: bool = False) -> list[dict]:
+        """One document per user turn (split to fit `max_len`); each a dict(input_ids, labels)
+        of lists (of int64 numpy arrays with `as_numpy`)."""
         msgs, tools = record["messages"], record.get("tools")
         st = SplitStats(records=1)
         users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
@@ -196,25 +197,36 @@ class Renderer:
                 continue
             st.split_docs += 1
             hist = [list(range(users[h], users[h + 1])) for h in range(t)]
-            out.extend(self._split(msgs, tools, head_sys, hist, u, steps, max_len, st))
+            out.extend(self._split(msgs, tools, head_sys, hist, u, steps, max_len, st, (ids, labels, keep)))
+        for d in out:
+            d["input_ids"] = np.asarray(d["input_ids"], dtype=np.int64)
+            d["labels"] = np.asarray(d["labels"], dtype=np.int64)
         st.pieces = len(out)
         st.tokens = sum(len(d["input_ids"]) for d in out)
-        st.label_tokens = sum(sum(1 for x in d["labels"] if x != IGNORE_INDEX) for d in out)
+        st.label_tokens = sum(int(np.count_nonzero(d["labels"] != IGNORE_INDEX)) for d in out)
+        if not as_numpy:
+            out = [{"input_ids": d["input_ids"].tolist(), "labels": d["labels"].tolist()} for d in out]
         if stats is not None:
             stats.add(st)
         return out
 
-    def _split(self, msgs, tools, head_sys, hist, u, steps, max_len, st) -> list[dict]:
+    def _unit_lengths(self, msgs, tools, head_sys, hist, u, steps, full):
+        """(prefix length, length of each step, length of each earlier turn) in tokens, measured as
+        what adding the unit to the bare prefix adds (blocks start and end at message
+        boundaries, so lengths add; `_split` re-checks each piece anyway)."""
         head = head_sys + [u]
         n_head = len(self._encode(msgs, head, tools, set())[0])
 
-        # Unit lengths, measured as what adding the unit to the bare prefix adds: every block
-        # starts and ends at special tokens (or at least at message boundaries), so lengths add.
         def extra(keep):
             return len(self._encode(msgs, keep, tools, set())[0]) - n_head
 
-        step_len = [extra(head + s) for s in steps]
-        hist_len = [extra(head_sys + h + [u]) for h in hist]
+        return n_head, [extra(head + s) for s in steps], [extra(head_sys + h + [u]) for h in hist]
+
+    def _build_piece(self, msgs, tools, keep, labelled, full):
+        return self._encode(msgs, keep, tools, labelled)
+
+    def _split(self, msgs, tools, head_sys, hist, u, steps, max_len, st, full) -> list[dict]:
+        n_head, step_len, hist_len = self._unit_lengths(msgs, tools, head_sys, hist, u, steps, full)
         pieces, j = [], 0
         while j < len(steps):
             if n_head + step_len[j] > max_len:
@@ -244,7 +256,7 @@ class Renderer:
             while True:
                 keep = (head_sys + [i for h in ctx_hist for i in hist[h]] + [u]
                         + [i for s in ctx + run for i in steps[s]])
-                ids, labels = self._encode(msgs, keep, tools, {steps[s][0] for s in run})
+                ids, labels = self._build_piece(msgs, tools, keep, {steps[s][0] for s in run}, full)
                 if len(ids) <= max_len:
                     break
                 # lengths did not add exactly (a template joins neighbours): shed context, then steps
@@ -314,7 +326,7 @@ class TinyRenderer(Renderer):
     def encode_text(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
 
-    def labels_from_ids(self, ids: Sequence[int], labelled_flags: Sequence[bool]) -> list[int]:
+    def labels_from_ids(self, ids, labelled_flags: Sequence[bool]) -> np.ndarray:
         """Labels of a rendered document: assistant block k (in order) is labelled if
         `labelled_flags[k]`, from after its `<|im_middle|>` through its `<|im_end|>`."""
         a = np.asarray(ids, dtype=np.int64)
@@ -322,30 +334,62 @@ class TinyRenderer(Renderer):
         if len(starts) != len(labelled_flags):
             raise ValueError(f"rendered {len(starts)} assistant headers for {len(labelled_flags)} assistant messages: "
                              f"a message's text contains the special token {T.IM_ASSISTANT!r}")
+        starts = starts[np.asarray(labelled_flags, dtype=bool)] if len(starts) else starts
         lab = np.full(len(a), IGNORE_INDEX, dtype=np.int64)
+        if len(starts) == 0:
+            return lab
         mids = np.flatnonzero(a == self.ids[T.IM_MIDDLE])
         ends = np.flatnonzero(a == self.ids[T.IM_END])
-        for s, flag in zip(starts, labelled_flags):
-            if not flag:
-                continue
-            m = mids[np.searchsorted(mids, s)]
-            e_i = np.searchsorted(ends, s)
-            if e_i >= len(ends):
-                raise ValueError(f"assistant block at token {s} has no {T.IM_END!r}")
-            e = ends[e_i]
-            lab[m + 1:e + 1] = a[m + 1:e + 1]
-        return lab.tolist()
+        e_i = np.searchsorted(ends, starts)
+        if e_i[-1] >= len(ends):
+            raise ValueError(f"assistant block at token {starts[-1]} has no {T.IM_END!r}")
+        m, e = mids[np.searchsorted(mids, starts)] + 1, ends[e_i] + 1
+        # difference array: +1 where a labelled span opens, -1 after it closes
+        d = np.zeros(len(a) + 1, dtype=np.int64)
+        np.add.at(d, m, 1)
+        np.add.at(d, e, -1)
+        inside = np.cumsum(d[:-1]) > 0
+        lab[inside] = a[inside]
+        return lab
 
     def _encode(self, messages, keep, tools, labelled):
         text = render_text(messages, tools, keep=keep)
-        ids = self.encode_text(text)
+        ids = np.asarray(self.encode_text(text), dtype=np.int64)
         flags = [i in labelled for i in keep if messages[i]["role"] == "assistant"]
         n_blocks = len(keep) + (1 if tools else 0)
-        if int(np.count_nonzero(np.isin(np.asarray(ids), self._block_open))) != n_blocks:
-            raise ValueError(f"rendered {n_blocks} messages but found a different number of block openings: "
-                             "some message text contains one of the special tokens "
-                             f"{T.IM_SYSTEM}, {T.IM_USER}, {T.IM_ASSISTANT}, {T.IM_TOOL}")
+        if int(np.count_nonzero(ids == self.ids[T.IM_END])) != n_blocks:
+            raise ValueError(f"rendered {n_blocks} messages but found a different number of {T.IM_END} tokens: "
+                             f"some message text contains {T.IM_END!r}")
         return ids, self.labels_from_ids(ids, flags)
+
+    # Every block starts with a role token and ends with <|im_end|>, so the tokens of any subset of
+    # messages are the concatenation of their blocks in the full render: split pieces are sliced
+    # out of the full document instead of rendered and tokenized again.
+    def _blocks(self, full, tools):
+        ids, labels, keep = full
+        opens = np.flatnonzero(np.isin(ids, self._block_open)).tolist() + [len(ids)]
+        if tools:
+            pre, opens = (0, opens[1]), opens[1:]
+        else:
+            pre = (0, 0)
+        return pre, {i: (opens[j], opens[j + 1]) for j, i in enumerate(keep)}
+
+    def _unit_lengths(self, msgs, tools, head_sys, hist, u, steps, full):
+        pre, span = self._blocks(full, tools)
+        n = {i: b - a for i, (a, b) in span.items()}
+        n_head = pre[1] - pre[0] + sum(n[i] for i in head_sys + [u])
+        return n_head, [sum(n[i] for i in s) for s in steps], [sum(n[i] for i in h) for h in hist]
+
+    def _build_piece(self, msgs, tools, keep, labelled, full):
+        ids, labels, _ = full
+        pre, span = self._blocks(full, tools)
+        parts_i, parts_l = [ids[pre[0]:pre[1]]], [labels[pre[0]:pre[1]]]
+        for i in keep:
+            a, b = span[i]
+            parts_i.append(ids[a:b])
+            lab = labels[a:b]
+            parts_l.append(lab if i in labelled else np.full(b - a, IGNORE_INDEX, dtype=np.int64))
+        return np.concatenate(parts_i), np.concatenate(parts_l)
 
     def render_prompt(self, messages, tools=None):
         return self.encode_text(render_text(messages, tools, add_generation_prompt=True))

@@ -256,3 +256,23 @@ def test_parse_malformed_tool_calls(tiny, qwen):
     assert got["content"] == "hi" and got["reasoning_content"] == "r"
     assert got["tool_calls"][0]["function"] == {"name": "python", "arguments": {"code": "1"}}
     assert "error" in got["tool_calls"][1]
+
+
+def test_tiny_sliced_pieces_equal_fresh_renders(tiny):
+    """The tiny renderer slices split pieces out of the full render; the generic path renders and
+    tokenizes each piece anew. Both must give the same tokens and labels."""
+    from data.render import Renderer
+
+    class Fresh(TinyRenderer):
+        _unit_lengths = Renderer._unit_lengths
+        _build_piece = Renderer._build_piece
+
+    fast, slow = TinyRenderer(tiny), Fresh(tiny)
+    rec = long_record(steps=9, output_lines=15)
+    mt = multi_turn_record(40)
+    mt["messages"][-2]["content"] = "z " * 300  # long last turn: pieces carry earlier turns as context
+    for r, max_len in ((rec, 400), (rec, 900), (mt, 500)):
+        a, b = SplitStats(), SplitStats()
+        pa, pb = fast.render_documents(r, max_len=max_len, stats=a), slow.render_documents(r, max_len=max_len, stats=b)
+        assert a.split_docs >= 1 and a.as_dict() == b.as_dict()
+        assert pa == pb
