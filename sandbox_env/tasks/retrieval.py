@@ -83,6 +83,14 @@ def pick_hit(search_output: str, name: str, etype: str) -> tuple[str, str] | Non
     return None
 
 
+def other_hit(search_output: str, doc_id: str, etype: str) -> str | None:
+    """Another hit of the same type in a search output (a namesake), or None."""
+    for m in _ID_RE.finditer(search_output):
+        if m.group(1) == etype and m.group(0) != doc_id:
+            return m.group(0)
+    return None
+
+
 class RetrievalFamily(TaskFamily):
     """`hops`: documents to open per question (1 = single-hop lookup)."""
 
@@ -144,7 +152,19 @@ class RetrievalFamily(TaskFamily):
                 )
                 return
             doc_id, block = hit
-            thinking = f'The search lists {quote(block, 120)!r}: id {doc_id} is the {TYPE_WORD[etype]} "{name}". Opening it.'
+            title_line = quote(next((ln for ln in out.splitlines() if doc_id in ln), block.splitlines()[0]).strip(), 120)
+            thinking = f'The search lists "{title_line}": id {doc_id} is the {TYPE_WORD[etype]} "{name}". Opening it.'
+            namesake = other_hit(out, doc_id, etype)
+            if namesake is not None and ctx.err():
+                # a misread result list: open a namesake, notice the title, go back to the right hit
+                ctx.mistake()
+                misread = f'The search returned several {TYPE_WORD[etype]} documents; I take {namesake} to be "{name}". Opening it.'
+                wrong = (yield AssistantStep(misread, "", [ctx.call("open", namesake)]))[0]
+                seen_title = quote(wrong.splitlines()[0] if wrong else "", 120)
+                thinking = (
+                    f'This document starts "{seen_title}": it is not "{name}", I opened the wrong search hit ({namesake}). '
+                    f'The hit titled exactly "{name}" is {doc_id}; opening that one.'
+                )
             text = yield from call_with_recovery(ctx, "open", doc_id, thinking, typo=(doc_id, doc_id[:-1]))
             m = re.search(FACT_RE[want], text)
             page = 1

@@ -66,15 +66,33 @@ def test_mistakes_are_observed_and_corrected(world, name, kw):
         assert rec["verdict"]["correct"], rec["messages"][-4:]
         msgs, m = rec["messages"], rec["metadata"]
         assert m["mistakes"] >= 1
-        # every mistake: a failing tool result, then a turn whose thinking reads the failure and
-        # repeats the same tool
-        failures = [i for i, x in enumerate(msgs) if x["role"] == "tool" and ("Error" in x["content"] or "No such file" in x["content"] or "not found" in x["content"])]
-        assert len(failures) >= m["mistakes"]
-        for i in failures[: m["mistakes"]]:
-            fix = msgs[i + 1]
-            assert fix["role"] == "assistant"
-            assert any(w in fix["reasoning_content"] for w in ("rejected", "did not work"))
-            assert fix["tool_calls"][0]["function"]["name"] == msgs[i]["name"]
+        # every mistake is visible: a turn whose thinking reads the failed result just before it
+        # and calls the same tool again, correctly
+        fixes = [i for i, x in enumerate(msgs) if x["role"] == "assistant"
+                 and any(w in x["reasoning_content"] for w in ("was rejected", "did not work", "wrong search hit"))]
+        assert len(fixes) == m["mistakes"]
+        for i in fixes:
+            failed, fix = msgs[i - 1], msgs[i]
+            assert failed["role"] == "tool" and fix["tool_calls"][0]["function"]["name"] == failed["name"]
+            if "wrong search hit" not in fix["reasoning_content"]:
+                assert failed["content"].startswith("Error") or "No such file" in failed["content"] or "NameError" in failed["content"]
+                assert msgs[i + 1]["role"] == "tool" and not msgs[i + 1]["content"].startswith("Error")
+
+
+def test_opening_a_namesake_is_noticed_and_corrected(world):
+    fam = family(world, "retrieval", {"hops": 2})
+    seen = 0
+    for index in range(8):
+        rec = run_episode(fam.make("train", index), ScriptedTeacher(1.0), world[1], family=fam)
+        assert rec["verdict"]["correct"]
+        msgs = rec["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and "I opened the wrong search hit" in m.get("reasoning_content", ""):
+                wrong = msgs[i - 1]  # the tool result of the namesake's document
+                assert wrong["role"] == "tool" and wrong["name"] == "open" and not wrong["content"].startswith("Error")
+                assert wrong["content"].split("]", 1)[1].split("(page")[0].strip() in m["reasoning_content"]  # quotes the title it saw
+                seen += 1
+    assert seen > 0
 
 
 def test_mistake_rate_between_zero_and_one_mixes(world):
