@@ -223,6 +223,10 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
             if "error" in r:
                 errors.append(r)
             bar.update(1)
+    except BaseException:  # Ctrl-C or a crash: stop the workers now; finished shards are kept
+        if pool is not None:
+            pool.terminate()
+        raise
     finally:
         bar.close()
         if pool is not None:

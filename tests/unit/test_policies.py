@@ -40,8 +40,8 @@ def family(world, name, kw):
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
 def test_scripted_teacher_solves_every_family(world, name, kw):
     fam = family(world, name, kw)
-    for split, index in [("train", 0), ("train", 1), ("heldout", 0)]:
-        task = fam.make(split, index, seed=5)
+    for split, index, seed in [("train", 0, 0), ("train", 1, 0), ("heldout", 0, 0), ("train", 0, 5), ("heldout", 1, 5)]:
+        task = fam.make(split, index, seed=seed)
         rec = run_episode(task, ScriptedTeacher(0.0), world[1], family=fam, seed=index)
         validate_record(rec)
         m = rec["metadata"]
@@ -93,6 +93,12 @@ def test_opening_a_namesake_is_noticed_and_corrected(world):
                 assert wrong["content"].split("]", 1)[1].split("(page")[0].strip() in m["reasoning_content"]  # quotes the title it saw
                 seen += 1
     assert seen > 0
+
+
+def test_scripted_episodes_are_deterministic(world):
+    fam = family(world, "retrieval", {"hops": 3})
+    a, b = (run_episode(fam.make("train", 2), ScriptedTeacher(0.5), world[1], family=fam, seed=4) for _ in range(2))
+    assert a["messages"] == b["messages"] and a["metadata"]["mistakes"] == b["metadata"]["mistakes"]
 
 
 def test_mistake_rate_between_zero_and_one_mixes(world):
