@@ -232,16 +232,14 @@ def run_episode(
             state.step, state.tokens_left = meta["steps"], tokens_left
             step: AssistantStep = policy.act(messages, tools, state)
 
-            reasoning = step.reasoning_content or ""
-            if counter.count(reasoning) > budgets.max_thinking_tokens:
-                reasoning = counter.truncate(reasoning, budgets.max_thinking_tokens)
-                meta["thinking_truncated"] += 1
             rest = counter.count(step.content) + sum(counter.call_tokens(c.name, c.arguments) for c in step.tool_calls)
-            if rest > tokens_left:
+            if rest > tokens_left:  # not even the text and calls fit: the turn is dropped
                 meta["budget_exhausted"] = "max_total_tokens"
                 break
-            if counter.count(reasoning) + rest > tokens_left:
-                reasoning = counter.truncate(reasoning, tokens_left - rest)
+            reasoning = step.reasoning_content or ""
+            limit = min(budgets.max_thinking_tokens, tokens_left - rest)
+            if counter.count(reasoning) > limit:
+                reasoning = counter.truncate(reasoning, limit)
                 meta["thinking_truncated"] += 1
 
             content = step.content or ""
@@ -249,7 +247,8 @@ def run_episode(
                 content = EMPTY_REPLY
                 meta["empty_replies"] += 1
             msg: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-            calls = [_record_call(f"call_{meta['tool_calls'] + j}", c.name, c.arguments) for j, c in enumerate(step.tool_calls)]
+            # a nameless call from a model is still recorded (the schema needs a name) and answered with an error
+            calls = [_record_call(f"call_{meta['tool_calls'] + j}", c.name or "<missing>", c.arguments) for j, c in enumerate(step.tool_calls)]
             if calls:
                 msg["tool_calls"] = calls
             messages.append(msg)
@@ -266,7 +265,7 @@ def run_episode(
                 if not result.ok:
                     meta["tool_errors"] += 1
                 content = result.content if result.content else f"Error: {result.error}"
-                messages.append({"role": "tool", "tool_call_id": rc["id"], "name": c.name, "content": content})
+                messages.append({"role": "tool", "tool_call_id": rc["id"], "name": rc["function"]["name"], "content": content})
 
     if final is None:
         verdict = {"correct": False, "answer": None, "reason": f"no final answer: budget {meta['budget_exhausted']} exhausted"}

@@ -155,13 +155,14 @@ def test_malformed_tool_calls_become_errors_and_the_episode_goes_on():
         ToolCall("python", "{not json"),        # invalid JSON
         ToolCall("python", {"source": "1"}),    # wrong argument name
         ToolCall("python", "[1, 2]"),           # JSON, but not an object
+        ToolCall("", {}),                       # no name at all
     ])
     rec = run_episode(TASK, Scripted(bad, py("print(2)"), final("2")), ENV, family=FAM)
     validate_record(rec)
     tools = [m for m in rec["messages"] if m["role"] == "tool"]
-    assert all(t["content"].startswith("Error") for t in tools[:4]) and tools[4]["content"] == "2\n"
+    assert all(t["content"].startswith("Error") for t in tools[:5]) and tools[5]["content"] == "2\n"
     m = rec["metadata"]
-    assert (m["tool_calls"], m["invalid_tool_calls"], m["steps"]) == (5, 4, 3)
+    assert (m["tool_calls"], m["invalid_tool_calls"], m["steps"]) == (6, 5, 3)
     calls = rec["messages"][2]["tool_calls"]
     assert calls[1]["function"]["arguments"] == {} and calls[1]["raw_arguments"] == "{not json"
     assert calls[3]["raw_arguments"] == "[1, 2]" and calls[2]["function"]["arguments"] == {"source": "1"}
