@@ -10,8 +10,8 @@ exactly `seq_len` tokens, and positions restart at 0 at every document start (th
 too). transformers v5 turns such position ids into a block-diagonal causal mask
 (`masking_utils.find_packed_sequence_indices`) -- but only when the model is called with no
 `attention_mask` *and no cache*, and its default `use_cache=True` builds a cache even in
-training. So: call the model with `use_cache=False` (as the tests prove: packed logits equal
-unpacked logits for sdpa and eager attention), or ask for `mask_4d=<dtype>` and the batch
+training. So: call the model with `use_cache=False` or set `model.config.use_cache = False` (as
+the tests prove: packed logits equal unpacked logits for sdpa and eager attention), or ask for `mask_4d=<dtype>` and the batch
 carries an additive [B, 1, T, T] block-diagonal causal mask that works whatever `use_cache` is
 (the dtype must be the model's compute dtype for sdpa). Flash attention reads position ids
 directly.

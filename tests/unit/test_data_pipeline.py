@@ -175,7 +175,7 @@ def _tiny_moe(vocab, impl):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("how", ["position_ids", "mask_4d"])
+@pytest.mark.parametrize("how", ["position_ids", "config_no_cache", "mask_4d"])
 def test_packed_logits_equal_unpacked(tok, records, impl, how):
     """No token attends across documents: each packed document's logits equal its own forward."""
     torch.set_num_threads(2)
@@ -185,6 +185,9 @@ def test_packed_logits_equal_unpacked(tok, records, impl, how):
     with torch.no_grad():
         if how == "position_ids":  # no cache, or transformers ignores the packing in position_ids
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        elif how == "config_no_cache":  # what train/ does: model.config.use_cache = False
+            model.config.use_cache = False
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         else:  # the 4D mask holds whatever use_cache is
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                            attention_mask=batch["attention_mask"]).logits
