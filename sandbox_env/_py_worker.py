@@ -10,30 +10,32 @@ It imports only the standard library (it must run under any interpreter the sand
 and nothing of the project. It lowers its own privileges and resource limits before it reads
 the first request, so model-written code never runs with more.
 
-Protocol (both directions: 4-byte big-endian length, then UTF-8 JSON):
-  argv: worker.py REQ_FD RESP_FD CONFIG_JSON
-  worker -> host, once:  {"ready": true, "pid": int}
-  host -> worker:        {"op": "python" | "shell" | "exit", "code": str, "timeout": float}
-  worker -> host:        {"output": str, "ok": bool, "error": str | None, "timed_out": bool,
-                          "truncated": bool, "output_bytes": int, "exit_code": int | None}
+Session starts are dominated by imports, so at start it imports only C modules (_ast, _json,
+_thread, _signal, marshal, resource: about 2 ms) and not their Python wrappers (ast, json,
+threading, signal, traceback: about 25 ms together); the wrappers it needs only for errors or
+shell commands are imported when first needed.
+
+Protocol (4-byte big-endian length, then the message):
+  argv: worker.py REQ_FD RESP_FD CONFIG (marshal, hex)
+  host -> worker (marshal; the host is trusted): {"op": "python" | "shell" | "exit", "code": str,
+                                                 "timeout": float}
+  worker -> host (UTF-8 JSON, since the host must never unmarshal what the sandbox wrote):
+    once:      {"ready": true, "pid": int}
+    per call:  {"output": str, "ok": bool, "error": str | None, "timed_out": bool,
+                "truncated": bool, "output_bytes": int, "exit_code": int | None}
 """
 
-import ast
+import _ast
+import _signal
+import _thread
 import builtins
 import io
-import json
-import linecache
+import marshal
 import os
 import resource
-import signal
-import struct
 import sys
-import threading
-import time
-import traceback
 
-_HEADER = struct.Struct(">I")
-_SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
+from _json import encode_basestring_ascii as _json_str
 
 
 class CellTimeout(BaseException):
@@ -52,16 +54,27 @@ def _read_exact(fd, n):
 
 
 def _recv(fd):
-    head = _read_exact(fd, _HEADER.size)
+    head = _read_exact(fd, 4)
     if head is None:
         return None
-    body = _read_exact(fd, _HEADER.unpack(head)[0])
-    return None if body is None else json.loads(body)
+    body = _read_exact(fd, int.from_bytes(head, "big"))
+    return None if body is None else marshal.loads(body)
+
+
+def _json(value):
+    # Enough JSON for our flat replies (str, bool, int, None), without importing json.
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _json_str(value)
+    return str(int(value))
 
 
 def _send(fd, obj):
-    data = json.dumps(obj).encode()
-    _write_all(fd, _HEADER.pack(len(data)) + data)
+    data = ("{" + ", ".join(f"{_json_str(k)}: {_json(v)}" for k, v in obj.items()) + "}").encode()
+    _write_all(fd, len(data).to_bytes(4, "big") + data)
 
 
 def _write_all(fd, data):
@@ -117,14 +130,15 @@ class _Capture:
         self._sentinel_fd = w  # non-inheritable (os.pipe), so children never get it
         self._r = r
         self._sentinel = b"\x00aq-end-" + os.urandom(12).hex().encode() + b"\x00"
-        self._lock = threading.Lock()
-        self._done = threading.Event()
+        self._lock = _thread.allocate_lock()
+        self._done = _thread.allocate_lock()  # held; the reader releases it when it sees the sentinel
+        self._done.acquire()
         self._reset()
         self.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                        errors="backslashreplace", line_buffering=True)
         self.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                        errors="backslashreplace", line_buffering=True)
-        threading.Thread(target=self._reader, daemon=True).start()
+        _thread.start_new_thread(self._reader, ())  # a daemon: never waited for
 
     def _reset(self):
         self.head = bytearray()
@@ -155,7 +169,7 @@ class _Capture:
                 if i >= 0:
                     self._keep(data[:i])
                     pending = data[i + len(self._sentinel):]
-                    self._done.set()
+                    self._done.release()
                     continue
                 cut = max(len(data) - keep_back, 0)
                 self._keep(data[:cut])
@@ -176,9 +190,8 @@ class _Capture:
             except Exception:
                 pass
         self.restore_streams()
-        self._done.clear()
         _write_all(self._sentinel_fd, self._sentinel)
-        self._done.wait(5.0)
+        self._done.acquire(timeout=5.0)
         with self._lock:
             total, head, tail = self.total, bytes(self.head), bytes(self.tail)
             self._reset()
@@ -195,10 +208,18 @@ def _on_alarm(signum, frame):
 
 def _user_traceback(exc):
     """The traceback without this file's frames: the model should see only its own code."""
+    import traceback
+
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    while tb is not None and tb.tb_frame.f_code.co_filename == _user_traceback.__code__.co_filename:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _exception_line(exc):
+    import traceback
+
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
 
 
 class _Kernel:
@@ -206,24 +227,36 @@ class _Kernel:
         self.capture = capture
         self.globals = {"__name__": "__main__", "__builtins__": builtins}
         self.pid = os.getpid()
-        self.cell = 0
+        self.sources = {}
+
+    def _register_sources(self):
+        # Tracebacks (and inspect.getsource) quote cell lines through linecache, as in a
+        # notebook. Registered on the first error only: importing linecache costs a start.
+        import linecache
+
+        for filename, code in self.sources.items():
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
 
     def run_python(self, code, timeout):
-        self.cell += 1
-        filename = f"<cell {self.cell}>"
-        # Registering the source lets tracebacks quote the failing line, as in a notebook.
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        filename = f"<cell {len(self.sources) + 1}>"
+        self.sources[filename] = code
+        if "linecache" in sys.modules:
+            self._register_sources()
         error, timed_out = None, False
         try:
-            tree = ast.parse(code, filename, "exec")
+            tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST)
             # Notebook rule: a trailing expression's value is shown (its repr).
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], _ast.Expr) else None
             body = compile(tree, filename, "exec")
-            tail = compile(ast.Expression(last.value), filename, "eval") if last is not None else None
-        except SyntaxError as e:
+            tail = compile(_ast.Expression(last.value), filename, "eval") if last is not None else None
+        except (SyntaxError, ValueError) as e:  # ValueError: e.g. a NUL byte in the source
+            self._register_sources()
+            import traceback
+
             sys.stderr.write("".join(traceback.format_exception_only(type(e), e)))
-            return False, f"SyntaxError: {e.msg} (line {e.lineno})", False
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+            where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+            return False, f"{type(e).__name__}: {getattr(e, 'msg', None) or e}{where}", False
+        _signal.setitimer(_signal.ITIMER_REAL, timeout)
         try:
             exec(body, self.globals)
             if tail is not None:
@@ -237,13 +270,15 @@ class _Kernel:
                      "the interpreter state is kept")
             sys.stderr.write(f"\n{error}\n")
         except BaseException as e:  # user code may raise anything, SystemExit included
-            error = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            self._register_sources()
+            error = _exception_line(e)
             try:
                 sys.stderr.write(_user_traceback(e))
             except Exception:  # the code may have broken sys.stderr itself
                 pass
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
             if os.getpid() != self.pid:
                 # A child forked by the user code got back here: it must never speak the
                 # protocol (it would answer or steal requests), so it ends now.
@@ -256,7 +291,9 @@ class _Kernel:
         return error is None, error, timed_out
 
     def run_shell(self, command, timeout, cwd):
-        import subprocess  # lazily: most sessions never call the shell
+        import signal  # lazily, like everything for the shell: most sessions never call it
+        import subprocess
+        import time
 
         exit_code, timed_out = None, False
         try:
@@ -286,22 +323,25 @@ class _Kernel:
         if exit_code == 0:
             return True, None, False, 0
         if exit_code < 0:
-            name = _SIGNAL_NAMES.get(-exit_code, str(-exit_code))
+            try:
+                name = signal.Signals(-exit_code).name
+            except ValueError:
+                name = str(-exit_code)
             return False, f"the command was killed by signal {name}", False, exit_code
         return False, f"the command exited with status {exit_code}", False, exit_code
 
 
 def main():
     req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
-    cfg = json.loads(sys.argv[3])
+    cfg = marshal.loads(bytes.fromhex(sys.argv[3]))
     os.set_inheritable(req_fd, False)  # children (shell commands, os.system) must not see the protocol
     os.set_inheritable(resp_fd, False)
     if cfg.get("uid") is not None and os.getuid() == 0:
         _drop_privileges(cfg["uid"], cfg["gid"])
     _set_limits(cfg["limits"])
     # A write past RLIMIT_FSIZE then fails with EFBIG in the writer instead of killing the worker.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    signal.signal(signal.SIGALRM, _on_alarm)
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGALRM, _on_alarm)
     os.chdir(cfg["workdir"])
     os.environ["PWD"] = cfg["workdir"]
     # The worker runs with -S (site processing costs more than the rest of the start), so the
@@ -325,7 +365,7 @@ def main():
                 ok, error, timed_out, exit_code = kernel.run_shell(req["code"], req["timeout"], cfg["workdir"])
         except BaseException as e:  # e.g. a second CellTimeout landing in our own code
             ok, error, timed_out = False, f"{type(e).__name__} in the sandbox worker: {e}", isinstance(e, CellTimeout)
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
         output, total, truncated = capture.finish()
         _send(resp_fd, {"output": output, "ok": ok, "error": error, "timed_out": timed_out,
                         "truncated": truncated, "output_bytes": total, "exit_code": exit_code})
