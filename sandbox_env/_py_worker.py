@@ -331,11 +331,22 @@ class _Kernel:
         return False, f"the command exited with status {exit_code}", False, exit_code
 
 
+def _exit_with_host(alive_fd):
+    # Blocks until the host process is gone (nothing is ever written to this pipe), then ends
+    # the worker even in the middle of a call; bwrap's PID 1 follows, and with it every
+    # process left in the sandbox.
+    try:
+        os.read(alive_fd, 1)
+    finally:
+        os._exit(70)
+
+
 def main():
     req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
     cfg = marshal.loads(bytes.fromhex(sys.argv[3]))
-    os.set_inheritable(req_fd, False)  # children (shell commands, os.system) must not see the protocol
-    os.set_inheritable(resp_fd, False)
+    for fd in (req_fd, resp_fd, cfg["alive_fd"]):
+        os.set_inheritable(fd, False)  # children (shell commands, os.system) must not see the protocol
+    _thread.start_new_thread(_exit_with_host, (cfg["alive_fd"],))
     if cfg.get("uid") is not None and os.getuid() == 0:
         _drop_privileges(cfg["uid"], cfg["gid"])
     _set_limits(cfg["limits"])

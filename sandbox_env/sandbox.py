@@ -48,9 +48,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -475,7 +477,7 @@ class Sandbox:
             os.close(dfd)
 
     # -- the worker ---------------------------------------------------------------------------
-    def _worker_argv_env(self, req_r: int, resp_w: int) -> tuple[list[str], dict]:
+    def _worker_argv_env(self, req_r: int, resp_w: int, alive_r: int) -> tuple[list[str], dict]:
         cfg = self.config
         mib = 1 << 20
         limits = {
@@ -491,7 +493,7 @@ class Sandbox:
             home, workdir, script = HOME_IN_SANDBOX, WORKDIR_IN_SANDBOX, _WORKER_IN_SANDBOX + os.path.splitext(script)[1]
         else:
             home, workdir, script = self.workdir, self.workdir, _worker_script(self.python)
-        worker_cfg = {"uid": self._uid, "gid": self._gid, "limits": limits, "workdir": workdir,
+        worker_cfg = {"uid": self._uid, "gid": self._gid, "limits": limits, "workdir": workdir, "alive_fd": alive_r,
                       "max_output_bytes": cfg.max_output_bytes, "site_dirs": _site_dirs(self.python)}
         cmd = [self.python, "-I", "-S", "-B", script, str(req_r), str(resp_w), marshal.dumps(worker_cfg).hex()]
         env = _clean_env(self.python, home)
@@ -506,20 +508,24 @@ class Sandbox:
     def _start_worker(self) -> None:
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
+        # Nothing is ever written to the "alive" pipe: the worker sees EOF on it exactly when
+        # this process is gone (even by SIGKILL), and then ends the sandbox. --die-with-parent
+        # alone only ties the sandbox to the bwrap process, not to us.
+        alive_r, alive_w = os.pipe()
         try:
-            argv, env = self._worker_argv_env(req_r, resp_w)
-            self._proc = subprocess.Popen(
-                argv, env=env, pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL,
+            argv, env = self._worker_argv_env(req_r, resp_w, alive_r)
+            self._proc = _spawn(
+                argv, env=env, pass_fds=(req_r, resp_w, alive_r), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 cwd=self.workdir, start_new_session=True)
         except BaseException:
-            for fd in (req_r, req_w, resp_r, resp_w):
+            for fd in (req_r, req_w, resp_r, resp_w, alive_r, alive_w):
                 os.close(fd)
             raise
-        os.close(req_r)
-        os.close(resp_w)
+        for fd in (req_r, resp_w, alive_r):
+            os.close(fd)
         self._req_w, self._resp_r = req_w, resp_r
-        self._resources.update(proc=self._proc, fds=[req_w, resp_r])
+        self._resources.update(proc=self._proc, fds=[req_w, resp_r, alive_w])
         self.worker_starts += 1
         ready = self._recv(time.monotonic() + self.config.start_timeout_s)
         if not (isinstance(ready, dict) and ready.get("ready")):
@@ -579,6 +585,26 @@ class Sandbox:
                     return "eof"  # garbage on the protocol pipe: treat the worker as broken
             need = _HEADER.size + _HEADER.unpack(buf[:_HEADER.size])[0]
             have_header = True
+
+
+_spawner: tuple[int, ThreadPoolExecutor] | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+    """Popen from one long-lived thread per process.
+
+    bwrap's --die-with-parent uses PR_SET_PDEATHSIG, which Linux ties to the *thread* that
+    forked bwrap: a session started from a short-lived thread (a thread pool's, a per-call
+    timeout helper's) would be SIGKILLed when that thread ends. Spawning from a thread that
+    lives as long as the process keeps "dies with the host process" without that trap.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():  # a forked child needs its own thread
+            _spawner = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="aq-sandbox-spawner"))
+        pool = _spawner[1]
+    return pool.submit(subprocess.Popen, argv, **kwargs).result()
 
 
 def _write_all(fd: int, data: bytes) -> None:

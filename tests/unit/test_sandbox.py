@@ -425,3 +425,71 @@ def test_unprivileged_user_mode():
 def _host_processes(pattern: str) -> list[str]:
     out = subprocess.run(["pgrep", "-f", "-a", pattern], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_sandbox_dies_with_the_host_process():
+    """A host killed by SIGKILL mid-call must not leave its sandbox running."""
+    marker = str(400 + os.getpid() % 100)
+    script = textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {REPO!r})
+        from sandbox_env import Sandbox, SandboxConfig
+        sb = Sandbox(SandboxConfig(timeout_s=60)).open()
+        threading.Thread(target=sb.run_python, args=("import os, time\\nos.system('sleep {marker} &')\\ntime.sleep(60)",),
+                         daemon=True).start()
+        print("started", flush=True)
+        threading.Event().wait()
+    """)
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 10
+        while not _host_processes(f"sleep {marker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _host_processes(f"sleep {marker}"), "the sandboxed call did not start"
+    finally:
+        host.kill()
+        host.wait()
+    deadline = time.monotonic() + 5
+    while _host_processes(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _host_processes(f"sleep {marker}"), "the sandbox outlived its host process"
+
+
+def test_session_outlives_the_thread_that_started_it():
+    # bwrap's --die-with-parent is tied to the forking *thread*; a session first used in a
+    # short-lived thread must keep working (and keep its state) after that thread ends.
+    with Sandbox(SandboxConfig(**FAST)) as s:
+        t = threading.Thread(target=s.run_python, args=("x = 'from a thread'",))
+        t.start()
+        t.join()
+        time.sleep(0.3)
+        r = s.run_python("x")
+        assert r.ok and not r.state_lost and r.output == "'from a thread'\n"
+
+
+def test_unsandboxed_worker_exits_with_the_host_process(tmp_path):
+    """isolation='none' has no bwrap to tie it to the host: the worker's own watch must do it."""
+    script = textwrap.dedent(f"""
+        import sys, threading, warnings
+        sys.path.insert(0, {REPO!r})
+        warnings.simplefilter("ignore")
+        from sandbox_env import Sandbox, SandboxConfig
+        sb = Sandbox(SandboxConfig(isolation="none", timeout_s=60)).open()
+        threading.Thread(target=sb.run_python, daemon=True,
+                         args=("import os, time\\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\\ntime.sleep(60)",)).start()
+        threading.Event().wait()
+    """)
+    host = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = int((tmp_path / "pid").read_text())
+    finally:
+        host.kill()
+        host.wait()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its host process"
