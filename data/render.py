@@ -90,11 +90,10 @@ def _call_numbers(messages: Sequence[dict]) -> list[tuple[str, int]]:
     return out
 
 
-def render_text(messages: Sequence[dict], tools: list | None = None, *, add_generation_prompt: bool = False,
-                keep: Sequence[int] | None = None) -> str:
-    """The tiny K2-style format as text (see `data.tokenizer`). `keep` renders only those message
-    indices, while tool-call numbers stay those of the full list (so a split piece shows the
-    model the same call names as the whole conversation does)."""
+def render_parts(messages: Sequence[dict], tools: list | None = None, *, add_generation_prompt: bool = False,
+                 keep: Sequence[int] | None = None) -> tuple[list[str], list[bool]]:
+    """The tiny K2-style format as pieces: (parts, is_special) where each part is a structural
+    special token or a piece of free text (see `render_text`)."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     idx = range(len(messages)) if keep is None else keep
     if keep is not None:  # "last user" is judged within what is rendered
@@ -108,38 +107,57 @@ def render_text(messages: Sequence[dict], tools: list | None = None, *, add_gene
             k += len(m.get("tool_calls") or [])
         elif m["role"] == "tool":
             call_k[i] = next(numbers)
-    parts = []
+    parts: list[str] = []
+    special: list[bool] = []
+
+    def sp(*toks):
+        parts.extend(toks)
+        special.extend([True] * len(toks))
+
+    def tx(text):
+        parts.append(text)
+        special.append(False)
+
     if tools:
-        parts += [T.IM_SYSTEM, "tool_declare", T.IM_MIDDLE, json.dumps(tools, ensure_ascii=False), T.IM_END]
+        sp(T.IM_SYSTEM), tx("tool_declare"), sp(T.IM_MIDDLE), tx(json.dumps(tools, ensure_ascii=False)), sp(T.IM_END)
     for i in idx:
         m = messages[i]
         role = m["role"]
         if role == "system":
-            parts += [T.IM_SYSTEM, "system", T.IM_MIDDLE, m["content"], T.IM_END]
+            sp(T.IM_SYSTEM), tx("system"), sp(T.IM_MIDDLE), tx(m["content"]), sp(T.IM_END)
         elif role == "user":
-            parts += [T.IM_USER, "user", T.IM_MIDDLE, m["content"], T.IM_END]
+            sp(T.IM_USER), tx("user"), sp(T.IM_MIDDLE), tx(m["content"]), sp(T.IM_END)
         elif role == "assistant":
-            parts += [T.IM_ASSISTANT, "assistant", T.IM_MIDDLE, T.THINK]
+            sp(T.IM_ASSISTANT), tx("assistant"), sp(T.IM_MIDDLE, T.THINK)
             if i > last_user and m.get("reasoning_content"):
-                parts.append(m["reasoning_content"])
-            parts += [T.END_THINK, m.get("content") or ""]
+                tx(m["reasoning_content"])
+            sp(T.END_THINK), tx(m.get("content") or "")
             calls = m.get("tool_calls")
             if calls:
-                parts.append(T.SECTION_BEGIN)
+                sp(T.SECTION_BEGIN)
                 for j, c in enumerate(calls):
                     fn = c["function"]
-                    parts += [T.CALL_BEGIN, f"functions.{fn['name']}:{call_k[i] + j}", T.ARG_BEGIN,
-                              _arguments_json(fn["arguments"]), T.CALL_END]
-                parts.append(T.SECTION_END)
-            parts.append(T.IM_END)
+                    sp(T.CALL_BEGIN), tx(f"functions.{fn['name']}:{call_k[i] + j}"), sp(T.ARG_BEGIN)
+                    tx(_arguments_json(fn["arguments"])), sp(T.CALL_END)
+                sp(T.SECTION_END)
+            sp(T.IM_END)
         elif role == "tool":
             name, kk = call_k[i]
-            parts += [T.IM_TOOL, "tool", T.IM_MIDDLE, f"## Return of functions.{name}:{kk}\n", m["content"], T.IM_END]
+            sp(T.IM_TOOL), tx("tool"), sp(T.IM_MIDDLE), tx(f"## Return of functions.{name}:{kk}\n" + m["content"])
+            sp(T.IM_END)
         else:
             raise ValueError(f"messages[{i}].role: unknown role {role!r}; expected system, user, assistant or tool")
     if add_generation_prompt:
-        parts += [T.IM_ASSISTANT, "assistant", T.IM_MIDDLE]
-    return "".join(parts)
+        sp(T.IM_ASSISTANT), tx("assistant"), sp(T.IM_MIDDLE)
+    return parts, special
+
+
+def render_text(messages: Sequence[dict], tools: list | None = None, *, add_generation_prompt: bool = False,
+                keep: Sequence[int] | None = None) -> str:
+    """The tiny K2-style format as text (see `data.tokenizer`). `keep` renders only those message
+    indices, while tool-call numbers stay those of the full list (so a split piece shows the
+    model the same call names as the whole conversation does)."""
+    return "".join(render_parts(messages, tools, add_generation_prompt=add_generation_prompt, keep=keep)[0])
 
 
 def _steps(messages: Sequence[dict], start: int, end: int) -> list[list[int]]:
@@ -326,6 +344,27 @@ class TinyRenderer(Renderer):
     def encode_text(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    def encode_parts(self, parts: Sequence[str], special: Sequence[bool]) -> list[int]:
+        """Tokens of rendered parts. Fast path: the joined text in one call. If free text holds the
+        text of a special token (a tool printing "<|im_end|>"), that text must stay text: the free
+        parts are then encoded with special-token matching off, and the structure tokens added by id."""
+        text = "".join(parts)
+        if len(T._SPECIAL_RE.findall(text)) == sum(special):
+            return self._backend.encode(text, add_special_tokens=False).ids
+        free = [p for p, s in zip(parts, special) if not s]
+        self._backend.encode_special_tokens = True
+        try:
+            enc = iter(self._backend.encode_batch(free, add_special_tokens=False))
+        finally:
+            self._backend.encode_special_tokens = False
+        ids: list[int] = []
+        for p, s in zip(parts, special):
+            if s:
+                ids.append(self.ids[p])
+            else:
+                ids.extend(next(enc).ids)
+        return ids
+
     def labels_from_ids(self, ids, labelled_flags: Sequence[bool]) -> np.ndarray:
         """Labels of a rendered document: assistant block k (in order) is labelled if
         `labelled_flags[k]`, from after its `<|im_middle|>` through its `<|im_end|>`."""
@@ -353,13 +392,10 @@ class TinyRenderer(Renderer):
         return lab
 
     def _encode(self, messages, keep, tools, labelled):
-        text = render_text(messages, tools, keep=keep)
-        ids = np.asarray(self.encode_text(text), dtype=np.int64)
+        ids = np.asarray(self.encode_parts(*render_parts(messages, tools, keep=keep)), dtype=np.int64)
         flags = [i in labelled for i in keep if messages[i]["role"] == "assistant"]
         n_blocks = len(keep) + (1 if tools else 0)
-        if int(np.count_nonzero(ids == self.ids[T.IM_END])) != n_blocks:
-            raise ValueError(f"rendered {n_blocks} messages but found a different number of {T.IM_END} tokens: "
-                             f"some message text contains {T.IM_END!r}")
+        assert int(np.count_nonzero(ids == self.ids[T.IM_END])) == n_blocks, "free text became a special token"
         return ids, self.labels_from_ids(ids, flags)
 
     # Every block starts with a role token and ends with <|im_end|>, so the tokens of any subset of
@@ -392,7 +428,7 @@ class TinyRenderer(Renderer):
         return np.concatenate(parts_i), np.concatenate(parts_l)
 
     def render_prompt(self, messages, tools=None):
-        return self.encode_text(render_text(messages, tools, add_generation_prompt=True))
+        return self.encode_parts(*render_parts(messages, tools, add_generation_prompt=True))
 
     def parse_assistant(self, text_or_ids) -> dict:
         """Generated assistant text (or ids) after the generation prompt -> an assistant message.

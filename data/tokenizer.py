@@ -28,7 +28,9 @@ the model then emits the body and ends every step with `<|im_end|>`.
 
 Python rendering of this format (fast path, with loss masks) is in `data.render`; the Jinja
 template below is the same format for `tokenizer.apply_chat_template`, and a test keeps the two
-equal character for character.
+equal character for character. Free text that happens to contain a special token's text (a tool
+printing "<|im_end|>") stays text in `data.render`; `apply_chat_template` does the same only
+with `sanitize_control_tokens=True` (tested to give the same tokens).
 """
 
 from __future__ import annotations
