@@ -105,5 +105,15 @@ def call_with_recovery(ctx: ScriptContext, tool: str, value: str, thinking: str,
 
 def python_solve(ctx: ScriptContext, plan: str, code: str) -> Generator[AssistantStep, list[str], str]:
     """Run `code` with the python tool (maybe botching `print` first); -> the last output line."""
-    out = yield from call_with_recovery(ctx, "python", code, plan, typo=("print(", "prnt("))
+    out = yield from python_run(ctx, plan, code)
     return last_line(out)
+
+
+def python_run(ctx: ScriptContext, plan: str, code: str) -> Generator[AssistantStep, list[str], str]:
+    """Run `code` with the python tool (maybe botching `print` first); -> the whole output."""
+    return (yield from call_with_recovery(ctx, "python", code, plan, typo=("print(", "prnt(")))
+
+
+def line_before_last(text: str) -> str:
+    ls = [ln for ln in lines(text) if not (ln.startswith("[") and ln.endswith("]") and not ln[1:2].isdigit())]
+    return ls[-2] if len(ls) >= 2 else ""

@@ -11,7 +11,7 @@ import math
 import random
 from typing import Any
 
-from sandbox_env.tasks._script import ScriptContext, python_solve
+from sandbox_env.tasks._script import ScriptContext, last_line, line_before_last, python_run
 from sandbox_env.policies import AssistantStep
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 
@@ -74,8 +74,10 @@ class ArithFamily(TaskFamily):
             plan = f"The sum of k^{p['p']} for k from 1 to {p['n']} is a huge integer. {why}; a direct sum over Python integers is exact and only {p['n']} terms."
             code = f"n = {p['n']}\nprint(sum(k**{p['p']} for k in range(1, n + 1)))"
             what = "the sum"
-        value = yield from python_solve(ctx, plan, code)
+        out = yield from python_run(ctx, plan, code)
+        value = last_line(out)
+        seen = f"{p['n']}! has {line_before_last(out)} digits, and their sum printed as {value}." if k == "factorial_digit_sum" else f"The program printed {value}."
         yield AssistantStep(
-            f"The program printed {value} on its last line. That is {what} the task asks for, computed exactly, so I can report it as is.",
+            f"{seen} That is {what} the task asks for, computed exactly, so I can report it as is.",
             format_final(f"Computed exactly with Python: {what} is {value}.", value),
         )

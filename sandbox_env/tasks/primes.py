@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from sandbox_env.policies import AssistantStep
-from sandbox_env.tasks._script import ScriptContext, python_solve
+from sandbox_env.tasks._script import ScriptContext, last_line, line_before_last, python_run
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 
 KINDS = ("nth_prime", "prime_count", "next_prime", "largest_prime_factor")
@@ -153,8 +153,15 @@ class PrimesFamily(TaskFamily):
             plan = f"I need the largest prime factor of {n}. I'll factor it by trial division, dividing out each factor as I find it; whatever is left above 1 at the end is prime."
             code = f"n = {n}\nfactors = []\nq = 2\nwhile q * q <= n:\n    while n % q == 0:\n        factors.append(q)\n        n //= q\n    q += 1\nif n > 1:\n    factors.append(n)\nprint(factors)\nprint(max(factors))"
             what = "the largest prime factor"
-        value = yield from python_solve(ctx, plan, code)
+        out = yield from python_run(ctx, plan, code)
+        value, before = last_line(out), line_before_last(out)
+        if k == "nth_prime":
+            seen = f"The sieve found {before} primes below its bound, more than {n}, so index {n - 1} exists; it printed {value}."
+        elif k == "largest_prime_factor":
+            seen = f"The factorisation printed {before}, and its largest entry is {value}."
+        else:
+            seen = f"The program printed {value}."
         yield AssistantStep(
-            f"The last line of the output is {value}, which is {what}. The computation was exact, so that's the answer.",
+            f"{seen} That is {what}, computed exactly, so it is the answer.",
             format_final(f"{what[0].upper() + what[1:]} is {value}.", value),
         )

@@ -64,7 +64,8 @@ def test_resume_runs_only_missing_tasks_and_refuses_other_settings(tmp_path):
     out = tmp_path / "gen"
     cfg = config(out, "tasks=compute", "workers=0")
     first = generate(cfg)
-    assert first["ran_tasks"] == 12 and first["groups"]["all"]["success_rate"] == 1.0
+    reasons = [json.loads(p.read_text())["attempts"][-1]["verdict"]["reason"] for p in (out / "shards").glob("*.json")]
+    assert first["ran_tasks"] == 12 and first["groups"]["all"]["success_rate"] == 1.0, (first["errors"], reasons)
     # an interrupted run: two shards missing
     shards = sorted((out / "shards").glob("*.json"))
     for s in shards[:2]:
