@@ -174,7 +174,15 @@ def _interpreter_roots(python: str) -> tuple[str, ...]:
             if not (q == "/usr" or q.startswith("/usr/")):
                 roots.add(q)
     # drop roots nested in other roots: one bind covers them
-    return tuple(sorted(r for r in roots if not any(r != o and r.startswith(o + "/") for o in roots)))
+    roots = sorted(r for r in roots if not any(r != o and r.startswith(o + "/") for o in roots))
+    home = os.path.expanduser("~")
+    for r in roots:
+        # The whole install becomes visible to the sandboxed code: never a home or a top dir.
+        if r.count("/") < 2 or r == home or home.startswith(r + "/"):
+            raise ValueError(f"the interpreter {python!r} is installed at {r!r}; making it visible in the sandbox "
+                             "would expose too much of the host. Use a venv or an install in its own directory "
+                             "(SandboxConfig.python)")
+    return tuple(roots)
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,6 +264,7 @@ def _static_bwrap_args(python: str, tmpfs_bytes: int, root_mode: bool) -> tuple[
              "--ro-bind", script, _WORKER_IN_SANDBOX + os.path.splitext(script)[1],
              "--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm",  # multiprocessing needs it
              "--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", HOME_IN_SANDBOX]
     return tuple(args)
 
@@ -273,7 +282,10 @@ def _describe_death(returncode: Optional[int], cfg: SandboxConfig, bwrap: bool) 
     elif bwrap and returncode is not None and returncode > 128:
         sig = returncode - 128  # bwrap reports a child killed by signal N as status 128+N
     if sig is not None:
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
         why = {
             "SIGKILL": f"killed: the memory (memory_mb={cfg.memory_mb}) or CPU (cpu_seconds={cfg.cpu_seconds}) "
                        "limit was hit, or the code killed its own process",
@@ -321,6 +333,7 @@ class Sandbox:
         self._resources: dict = {}
         self._finalizer = weakref.finalize(self, _cleanup, self._resources)
         self._uid = self._gid = None
+        self._closed = False
 
     # -- session lifetime -------------------------------------------------------------------
     def __enter__(self) -> "Sandbox":
@@ -331,6 +344,9 @@ class Sandbox:
         self.close()
 
     def open(self) -> "Sandbox":
+        """Creates the work dir (the worker itself starts on the first call). Idempotent."""
+        if self._closed:
+            raise RuntimeError("this Sandbox session is closed; start a new Sandbox for a new episode")
         if self.workdir is not None:
             return self
         self.workdir = tempfile.mkdtemp(prefix="aq-sandbox-")
@@ -345,6 +361,7 @@ class Sandbox:
         self._stop_worker()
         _cleanup(self._resources)
         self.workdir = None
+        self._closed = True
 
     @property
     def path_in_sandbox(self) -> str:

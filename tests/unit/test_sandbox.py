@@ -493,3 +493,27 @@ def test_unsandboxed_worker_exits_with_the_host_process(tmp_path):
     while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{worker}"), "the worker outlived its host process"
+
+
+def test_closed_session_refuses_calls():
+    s = Sandbox(SandboxConfig(**FAST))
+    with s:
+        assert s.run_python("1").ok
+    with pytest.raises(RuntimeError, match="closed"):
+        s.run_python("1")
+    with pytest.raises(RuntimeError, match="closed"):
+        s.write_file("a.txt", "x")
+
+
+def test_common_python_machinery_works_inside(sb):
+    # multiprocessing needs /dev/shm; threads need the process budget; imports from the venv
+    r = _py(sb, """
+        import multiprocessing as mp, threading, json, sqlite3, pathlib
+        lock = mp.Lock()
+        with mp.Pool(2) as pool:
+            squares = pool.map(abs, [-1, -2, -3])
+        t = threading.Thread(target=lambda: None); t.start(); t.join()
+        pathlib.Path("out.json").write_text(json.dumps(squares))
+        print(open("out.json").read())
+    """)
+    assert r.ok and r.output == "[1, 2, 3]\n", r.output
