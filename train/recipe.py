@@ -142,6 +142,10 @@ class TrainRecipe:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if acc.num_processes != launched_world:
+            raise RuntimeError(f"the launcher started {launched_world} processes but accelerate sees {acc.num_processes}; "
+                               "every rank would train alone. Launch with torchrun or a conf/accelerate/*.yaml config")
         self.precision = precision
         self.world_size = acc.num_processes
         self.rank = acc.process_index
@@ -218,6 +222,13 @@ class TrainRecipe:
         overrides = {}
         if cfg.model.path is None:
             overrides["vocab_size"] = len(self.tokenizer)
+        if self.zero_stage == 3:
+            # transformers would build the model inside deepspeed.zero.Init (parameters partitioned,
+            # shape [0]) whenever a ZeRO-3 config is alive; qat.prepare needs the real expert shapes,
+            # so every rank builds the full model and accelerate.prepare partitions it afterwards.
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         model = build_model(cfg.model, **overrides)
         if cfg.model.path is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -240,6 +251,8 @@ class TrainRecipe:
             qat.set_fake_quant(model, fake_quant_on(0, cfg.qat.start_step))
         self._apply_trainable(model)
         self.model = model
+        if self.zero_stage == 3:
+            self.deepspeed.set_deepspeed_weakref()
 
     def _apply_trainable(self, model: torch.nn.Module) -> None:
         pattern = self.cfg.trainable
@@ -329,7 +342,7 @@ class TrainRecipe:
         self.train_loader.load_state_dict(data_state)
         self._batches = iter(self.train_loader)
         if self.qat_cfg is not None:
-            qat.set_fake_quant(self.model, fake_quant_on(self.step, self.cfg.qat.start_step))
+            qat.set_fake_quant(self._unwrapped(), fake_quant_on(self.step, self.cfg.qat.start_step))
         self.resumed_from = self.resume_path
         log.info("resumed from %s at step %d (%s tokens seen)", self.resume_path, self.step, f"{self.tokens_seen:,}")
 
@@ -354,7 +367,7 @@ class TrainRecipe:
         while self.step < stop:
             if self.qat_cfg is not None:
                 on = fake_quant_on(self.step, cfg.qat.start_step)
-                qat.set_fake_quant(self.model, on)
+                qat.set_fake_quant(self._unwrapped(), on)
                 if on and cfg.qat.refresh_every and self.step % cfg.qat.refresh_every == 0:
                     with self._gathered_params():
                         qat.refresh_observers(self._unwrapped())
@@ -565,6 +578,13 @@ class TrainRecipe:
                 log.warning("could not plot the loss curve: %s", e)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.world_size == 1:
+            # accelerate keeps its state in process-wide singletons; forget it so that another recipe
+            # (a benchmark, a notebook, a test) can run in this process with other settings.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
 
 
 def moe_block_classes(model: torch.nn.Module) -> list[type]:
