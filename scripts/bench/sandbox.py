@@ -89,8 +89,10 @@ def main():
 
     logging.getLogger("sandbox_env.sandbox").setLevel(logging.ERROR)
 
+    # Other work on the machine slows every row alike; the load average says how much to trust
+    # absolute rates (the ratios are measured side by side and hold up better).
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, euid {os.geteuid()}, "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}")
     calls = {"bwrap": [], "none": [], "exec": []}
     for _ in range(args.repeats):
         calls["bwrap"].append(warm_calls(BWRAP, args.calls))
@@ -122,6 +124,7 @@ def main():
     sb2, none2, bare2 = (results[2][rows[i][0]] for i in range(3))
     print(f"  bwrap session vs no-sandbox session (2 threads): {sb2 / none2:.2f}x; "
           f"vs bare python start: {sb2 / bare2:.2f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
