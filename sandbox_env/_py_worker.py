@@ -256,6 +256,7 @@ class _Kernel:
             sys.stderr.write("".join(traceback.format_exception_only(type(e), e)))
             where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
             return False, f"{type(e).__name__}: {getattr(e, 'msg', None) or e}{where}", False
+        _signal.signal(_signal.SIGALRM, _on_alarm)  # an earlier call may have replaced the handler
         _signal.setitimer(_signal.ITIMER_REAL, timeout)
         try:
             exec(body, self.globals)

@@ -253,6 +253,10 @@ def test_infinite_loop_times_out_and_keeps_state():
         assert time.monotonic() - t0 < 6.0
         r = s.run_python("print('kept' in globals())")
         assert r.ok and r.output == "False\n" and r.state_lost is False
+        # a handler the code installed in an earlier call does not disarm later timeouts
+        s.run_python("import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)")
+        r = s.run_python("import time\nwhile True:\n    time.sleep(0.01)")
+        assert r.timed_out and not r.state_lost
         r = s.run_shell("sleep 30")
         assert r.timed_out and not r.ok
         assert s.run_shell("echo ok").output == "ok\n"
