@@ -14,7 +14,7 @@ import random
 import re
 from typing import Any
 
-from sandbox_env.corpus import ATTRIBUTES, RELATIONS, Corpus, CorpusConfig
+from sandbox_env.corpus import RELATIONS, Corpus, CorpusConfig
 from sandbox_env.policies import AssistantStep
 from sandbox_env.tasks._script import ScriptContext, call_with_recovery, quote
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
