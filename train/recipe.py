@@ -185,12 +185,22 @@ class TrainRecipe:
 
     def _setup_tokenizer_and_data(self) -> None:
         from data.pipeline import build_dataloader
-        from data.schema import read_trajectories
+        from data.schema import iter_trajectories, read_trajectories
         from data.tokenizer import load_tokenizer, train_tokenizer
 
         cfg, d = self.cfg, self.cfg.data
-        records = list(read_trajectories(d.path))
-        train_records, val_records = _split_heldout(records, cfg.eval.val_fraction, cfg.seed)
+        # Every key of conf/data/*.yaml but these two is a build_dataloader argument of the same name.
+        loader_kw = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items()
+                     if k not in ("path", "tokenizer_vocab_size")}
+        if d.get("streaming"):
+            # Streamed data is never held in memory: no held-out split (eval needs streaming=false).
+            train_source, train_records, val_records = str(d.path), None, []
+            if cfg.eval.every:
+                log.warning("data.streaming=true: no held-out split, so no held-out loss (eval.every ignored)")
+        else:
+            records = list(read_trajectories(d.path, on_error=d.get("on_error", "raise")))
+            train_records, val_records = _split_heldout(records, cfg.eval.val_fraction, cfg.seed)
+            train_source = train_records
         if cfg.model.path is not None:
             tokenizer = load_tokenizer(cfg.model.path)
         elif self.resume_path is not None:
@@ -200,19 +210,22 @@ class TrainRecipe:
             # load that file, so every rank has the identical vocabulary.
             tok_dir = self.run_dir / "tokenizer"
             if self.is_main:
-                train_tokenizer(train_records, vocab_size=d.tokenizer_vocab_size).save_pretrained(tok_dir)
+                corpus = train_records if train_records is not None else iter_trajectories(str(d.path))
+                train_tokenizer(corpus, vocab_size=d.tokenizer_vocab_size).save_pretrained(tok_dir)
             self.accelerator.wait_for_everyone()
             tokenizer = load_tokenizer(tok_dir)
         self.tokenizer = tokenizer
-        # world_size=1 on purpose: every rank reads the same stream and keeps its share (see module doc).
-        common = dict(seq_len=d.seq_len, batch_size=cfg.micro_batch_size, packing=d.packing, rank=0, world_size=1)
-        self.train_loader = build_dataloader(train_records, tokenizer, seed=cfg.seed, shuffle=True, drop_last=True, **common)
+        # rank=0, world_size=1 on purpose: every rank reads the same stream and keeps its share (module doc).
+        common = dict(batch_size=cfg.micro_batch_size, rank=0, world_size=1, **loader_kw)
+        self.train_loader = build_dataloader(train_source, tokenizer, seed=cfg.seed, shuffle=True, drop_last=True, **common)
         self.val_loader, self._val_batches = None, None
         if val_records and cfg.eval.every > 0:
+            common["streaming"] = False
             self.val_loader = build_dataloader(val_records, tokenizer, seed=cfg.seed, shuffle=False, drop_last=False, **common)
         self._batches = iter(self.train_loader)
-        log.info("data: %d training / %d held-out trajectories from %s, seq_len %d, packing %s",
-                 len(train_records), len(val_records), d.path, d.seq_len, d.packing)
+        n_train = len(train_records) if train_records is not None else "streamed"
+        log.info("data: %s training / %d held-out trajectories from %s, seq_len %d, packing %s",
+                 n_train, len(val_records), d.path, d.seq_len, d.packing)
 
     def _setup_model(self) -> None:
         import qat
