@@ -246,7 +246,7 @@ class TrajectoryLoader:
             self.read_stats = ReadStats(str(self._source))
             recs = iter_trajectories(self._source, on_error=self.on_error, stats=self.read_stats)
         else:
-            recs = self._source
+            recs = (r for i, r in enumerate(self._source) if validate_record(r, source="records", index=i) is None)
         buf: list[Doc] = []
         self.split_stats = SplitStats()
         for rec in recs:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -279,7 +280,14 @@ def write_trajectories(records: Iterable[dict], out_dir: str | os.PathLike, *, s
         validate_record(rec, source=source, index=i)
         rows.append(encode_record(rec))
     out = Path(out_dir)
-    Dataset.from_list(rows, features=arrow_features()).save_to_disk(str(out))
+    # Written next to its place and renamed in: a crash never leaves a half dataset at `out_dir`.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    Dataset.from_list(rows, features=arrow_features()).save_to_disk(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return out
 
 

@@ -202,3 +202,11 @@ def test_packed_logits_equal_unpacked(tok, records, impl, how):
                 torch.testing.assert_close(logits[b, s:e], alone, atol=2e-5, rtol=1e-4)
                 n_docs += 1
     assert n_docs >= 3  # several documents shared a row
+
+
+def test_streaming_validates_in_memory_records(tok, records):
+    bad = [dict(r) for r in records[:3]]
+    bad[2] = {"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "a"}]}
+    dl = build_dataloader(bad, tok, seq_len=SEQ, batch_size=1, streaming=True, shuffle=False)
+    with pytest.raises(ValueError, match=r"records: record 2: messages\[1\].role"):
+        list(dl)

@@ -122,3 +122,10 @@ def test_bad_on_error_and_missing_path(tmp_path):
         read_trajectories(tmp_path, on_error="ignore")
     with pytest.raises(FileNotFoundError, match="nope"):
         read_trajectories(tmp_path / "nope")
+
+
+def test_write_replaces_an_existing_dataset(tmp_path):
+    write_trajectories(make_records(4), tmp_path / "ds")
+    write_trajectories(make_records(2, seed=9), tmp_path / "ds")
+    assert read_trajectories(tmp_path / "ds") == make_records(2, seed=9)
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary left behind
