@@ -5,7 +5,9 @@ retrieval corpus and its FTS5 index exist (cached in `<out_dir>/cache`), run eve
 through the rollout loop in parallel worker processes (each episode in its own sandbox), verify
 it, and keep the verified trajectories (rejection sampling: up to `attempts` tries per task).
 Then assemble `<out_dir>/<split>` datasets of kept trajectories, `<out_dir>/rejected` with the
-failed attempts and their verdicts, and `<out_dir>/summary.json`.
+failed attempts and their verdicts, and `<out_dir>/summary.{json,txt}` (per family tag and split:
+tasks, kept, success rate = kept / tasks, attempts, mean tool calls and steps of the final
+attempts, invalid tool calls, budget exhaustions).
 
 The one idea that makes it resumable: every finished task is written at once, atomically, as
 its own shard `<out_dir>/shards/<task id>.json`; a rerun skips the task ids that have a shard
@@ -265,7 +267,9 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
         "trajectories_per_s": round((len(pending) - len(errors)) / wall, 3) if pending and wall > 0 else None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(format_table(summary["groups"]))
+    table = format_table(summary["groups"])
+    (out / "summary.txt").write_text(table + "\n")
+    print(table)
     print(f"written: {written}; ran {len(pending)} tasks ({len(errors)} errors) in {wall:.1f}s; summary: {out / 'summary.json'}")
     if errors:
         log.warning("%d tasks failed (rerun to retry them); first: %s", len(errors), errors[0])

@@ -50,7 +50,9 @@ def test_generate_cli_end_to_end_then_resume(tmp_path):
     assert sum(r["metadata"]["mistakes"] for r in train + heldout) > 0  # mistake_rate=0.3 shows up
     if (out / "rejected").exists():
         assert all(not r["verdict"]["correct"] for r in read_trajectories(out / "rejected"))
-    assert (out / "cache").is_dir() and list((out / "cache").glob("corpus-*/index.sqlite"))
+    (index,) = (out / "cache").glob("corpus-*/index.sqlite")
+    built = index.stat().st_mtime_ns
+    assert "all" in (out / "summary.txt").read_text()
 
     # resume: the same command again runs nothing and writes the same datasets
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -58,6 +60,7 @@ def test_generate_cli_end_to_end_then_resume(tmp_path):
     again = json.loads((out / "summary.json").read_text())
     assert again["ran_tasks"] == 0 and again["skipped_done"] == 3 * n_tags
     assert [r["task"]["id"] for r in read_trajectories(out / "train")] == [r["task"]["id"] for r in train]
+    assert index.stat().st_mtime_ns == built  # the corpus index was reused, not rebuilt
 
 
 def test_resume_runs_only_missing_tasks_and_refuses_other_settings(tmp_path):

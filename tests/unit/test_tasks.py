@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 
 import pytest
@@ -209,3 +210,20 @@ def test_float_answers_use_a_relative_tolerance():
     x = float(t.answer)
     assert fam.verify(t, f"Answer: {x * (1 + 1e-12)!r}")["correct"]  # float noise of a python sum
     assert not fam.verify(t, f"Answer: {x + 0.01:.2f}")["correct"]
+
+
+def test_ensure_corpus_builds_once_and_indexes_every_document(tmp_path):
+    from sandbox_env import SearchIndex
+    from sandbox_env.corpus import ensure_corpus
+
+    cfg = CorpusConfig(seed=3, people=20, companies=6, places=6)
+    corpus, path = ensure_corpus(cfg, tmp_path)
+    mtime = os.stat(path).st_mtime_ns
+    corpus2, path2 = ensure_corpus(cfg, tmp_path)
+    assert path2 == path and os.stat(path).st_mtime_ns == mtime and corpus2.docs == corpus.docs
+    index = SearchIndex(path)
+    assert len(index) == len(corpus.docs) == 32
+    d = corpus.docs[5]
+    assert index.get(d["id"])["text"] == d["text"]
+    assert index.search(d["title"], k=3)[0]["id"] == d["id"]
+    assert ensure_corpus(CorpusConfig(seed=4, people=20, companies=6, places=6), tmp_path)[1] != path
