@@ -478,12 +478,39 @@ def strip_generation_markers(template: str) -> str:
     return _GEN_MARKER_RE.sub("", template)
 
 
-def find_training_template(template: str) -> str | None:
-    """A shipped training variant (data/templates/*.jinja) whose markers-stripped text is `template`."""
-    for p in sorted(TEMPLATES_DIR.glob("*.jinja")):
-        t = p.read_text()
+def renders_alike(tokenizer, template_a: str, template_b: str, records: Sequence[dict] | None = None) -> bool:
+    """Whether two chat templates render the same text for every prefix of probe conversations
+    (all trajectory shapes of `data.testing`: tools, parallel calls, multi-turn reasoning
+    dropping), with and without the generation prompt."""
+    from data.testing import fixture_records
+
+    for rec in records if records is not None else fixture_records():
+        msgs, tools = rec["messages"], rec.get("tools")
+        for j in range(1, len(msgs) + 1):
+            for gen in (False, True):
+                kw = dict(tools=tools, add_generation_prompt=gen, tokenize=False)
+                try:
+                    a = tokenizer.apply_chat_template(msgs[:j], chat_template=template_a, **kw)
+                    b = tokenizer.apply_chat_template(msgs[:j], chat_template=template_b, **kw)
+                except Exception:  # noqa: BLE001 - a template that cannot render a probe is no match
+                    return False
+                if a != b:
+                    return False
+    return True
+
+
+def find_training_template(template: str, tokenizer=None) -> str | None:
+    """A shipped training variant (data/templates/*.jinja) for the inference `template`: one whose
+    markers-stripped text is `template`, or (given the tokenizer) one that renders every probe
+    conversation exactly as `template` does."""
+    variants = [p.read_text() for p in sorted(TEMPLATES_DIR.glob("*.jinja"))]
+    for t in variants:
         if strip_generation_markers(t).strip() == template.strip():
             return t
+    if tokenizer is not None:
+        for t in variants:
+            if renders_alike(tokenizer, template, t):
+                return t
     return None
 
 
@@ -505,7 +532,7 @@ class ChatTemplateRenderer(Renderer):
         if training_template is not None and Path(str(training_template)[:200]).suffix == ".jinja":
             training_template = Path(training_template).read_text()
         if training_template is None:
-            training_template = tmpl if _GEN_MARKER_RE.search(tmpl) else find_training_template(tmpl)
+            training_template = tmpl if _GEN_MARKER_RE.search(tmpl) else find_training_template(tmpl, tokenizer)
         if training_template is None:
             raise ValueError("ChatTemplateRenderer: the tokenizer's chat template has no {% generation %} markers and "
                              f"no training variant in {TEMPLATES_DIR} matches it; pass training_template=<path.jinja> "

@@ -297,3 +297,19 @@ def test_special_token_text_in_messages_stays_text(tiny):
     assert tiny.apply_chat_template(msgs[:4], tools=tools, add_generation_prompt=True, tokenize=True,
                                     return_dict=True, sanitize_control_tokens=True)["input_ids"] == \
         r.render_prompt(msgs[:4], tools)
+
+
+def test_training_variant_found_by_rendering_when_text_differs(qwen):
+    """A model's template file may differ in comments and whitespace from ours yet render the
+    same: the shipped variant is found by rendering probes; a template that renders differently
+    is refused."""
+    tok = copy.deepcopy(qwen)
+    tok.chat_template = "{#- a vendor comment -#}\n" + qwen.chat_template.replace("{%- endfor %}", "{%- endfor -%}")
+    assert tok.chat_template.strip() != qwen.chat_template.strip()
+    r = get_renderer(tok)
+    assert r.training_template != tok.chat_template
+    doc = r.render_documents(python_record())[0]
+    assert len(_runs(doc["labels"])) == 2
+    tok.chat_template = qwen.chat_template.replace("<tool_response>", "<result>")
+    with pytest.raises(ValueError, match="training_template="):
+        get_renderer(tok)
