@@ -177,12 +177,25 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     from tqdm import tqdm
 
     from data.schema import write_trajectories
-    from sandbox_env.corpus import CorpusConfig, ensure_corpus
+    from sandbox_env.corpus import Corpus, CorpusConfig, ensure_corpus
 
     if not isinstance(cfg.get("workers"), int) or cfg["workers"] < 0:
         raise ValueError(f"workers must be an int >= 0 (0 = run in this process), got {cfg.get('workers')!r}")
     if not isinstance(cfg.get("attempts"), int) or cfg["attempts"] < 1:
         raise ValueError(f"attempts must be an int >= 1 (episodes per task before it is rejected), got {cfg.get('attempts')!r}")
+    from sandbox_env.tasks import FAMILIES
+
+    # Validate everything before touching out_dir, so a typo never leaves a run.json behind.
+    specs = family_specs(cfg["tasks"])
+    has_retrieval = any(s["family"] == "retrieval" for s in specs)
+    build_families(specs, Corpus.generate(CorpusConfig(**cfg["corpus"])) if has_retrieval else None)  # bad options raise here
+    # no index to search without a retrieval family: do not offer tools that cannot work
+    tools = [t for t in cfg["tools"] if has_retrieval or t not in ("search", "open")]
+    for spec in specs:
+        missing = [t for t in FAMILIES[spec["family"]].tools if t not in tools]
+        if missing:
+            raise ValueError(f"tools={tools} lacks {missing}, which family {spec['tag']!r} needs; add them to `tools` or drop the family")
+
     out = Path(cfg["out_dir"])
     (out / "shards").mkdir(parents=True, exist_ok=True)
     fp = _fingerprint(cfg)
@@ -198,13 +211,9 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         run_file.write_text(json.dumps(fp, indent=2))
 
-    specs = family_specs(cfg["tasks"])
     index_path = None
-    tools = list(cfg["tools"])
-    if any(s["family"] == "retrieval" for s in specs):
+    if has_retrieval:
         _, index_path = ensure_corpus(CorpusConfig(**cfg["corpus"]), cfg.get("cache_dir") or out / "cache")
-    else:  # no index to search: do not offer tools that cannot work
-        tools = [t for t in tools if t not in ("search", "open")]
     cfg = {**cfg, "tools": tools}
     items = work_items(specs)
     pending = [it for it in items if not (out / "shards" / f"{task_id(*it)}.json").exists()]

@@ -81,6 +81,11 @@ def test_resume_runs_only_missing_tasks_and_refuses_other_settings(tmp_path):
     assert third["ran_tasks"] == 4 and third["written"]["train"] == 12
     with pytest.raises(ValueError, match="holds a run with different settings \\(seed\\)"):
         generate(config(out, "tasks=compute", "seed=1"))
+    with pytest.raises(ValueError, match="lacks \\['python'\\], which family 'arith' needs"):
+        generate(config(tmp_path / "other", "tasks=compute", "tools=[shell]"))
+    with pytest.raises(ValueError, match="retrieval hops must be an int >= 1"):
+        generate(config(tmp_path / "other", "tasks=retrieval", "tasks.families.retrieval.hops=0"))
+    assert not (tmp_path / "other").exists()  # refused before anything was written
 
 
 def test_rejection_sampling_with_an_openai_compatible_server(tmp_path):
