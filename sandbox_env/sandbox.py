@@ -330,7 +330,7 @@ class Sandbox:
         self._req_w = self._resp_r = -1
         # What must be released even if the session is never closed: the garbage collector or
         # interpreter exit runs _cleanup on it. _stop_worker/close empty it as they release.
-        self._resources: dict = {}
+        self._resources: dict = {"bwrap": self._bwrap is not None}
         self._finalizer = weakref.finalize(self, _cleanup, self._resources)
         self._uid = self._gid = None
         self._closed = False
@@ -494,7 +494,7 @@ class Sandbox:
             os.close(dfd)
 
     # -- the worker ---------------------------------------------------------------------------
-    def _worker_argv_env(self, req_r: int, resp_w: int, alive_r: int) -> tuple[list[str], dict]:
+    def _worker_argv_env(self, req_r: int, resp_w: int, alive_r: int, info_w: int) -> tuple[list[str], dict]:
         cfg = self.config
         mib = 1 << 20
         limits = {
@@ -517,7 +517,8 @@ class Sandbox:
         if not self._bwrap:
             return cmd, env
         argv = [self._bwrap, *_static_bwrap_args(self.python, cfg.tmpfs_mb * mib, self._root_mode),
-                "--bind", self.workdir, WORKDIR_IN_SANDBOX, "--clearenv"]  # the worker chdirs there itself
+                "--bind", self.workdir, WORKDIR_IN_SANDBOX, "--info-fd", str(info_w),
+                "--clearenv"]  # the worker chdirs there itself
         for k, v in env.items():
             argv += ["--setenv", k, v]
         return argv + cmd, {}
@@ -529,22 +530,30 @@ class Sandbox:
         # this process is gone (even by SIGKILL), and then ends the sandbox. --die-with-parent
         # alone only ties the sandbox to the bwrap process, not to us.
         alive_r, alive_w = os.pipe()
+        # bwrap writes the host pid of the sandbox's PID 1 to the info pipe (then closes it).
+        info_r, info_w = os.pipe() if self._bwrap else (-1, -1)
         try:
-            argv, env = self._worker_argv_env(req_r, resp_w, alive_r)
+            argv, env = self._worker_argv_env(req_r, resp_w, alive_r, info_w)
             self._proc = _spawn(
-                argv, env=env, pass_fds=(req_r, resp_w, alive_r), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                argv, env=env, pass_fds=tuple(fd for fd in (req_r, resp_w, alive_r, info_w) if fd >= 0),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 cwd=self.workdir, start_new_session=True)
         except BaseException:
-            for fd in (req_r, req_w, resp_r, resp_w, alive_r, alive_w):
-                os.close(fd)
+            for fd in (req_r, req_w, resp_r, resp_w, alive_r, alive_w, info_r, info_w):
+                if fd >= 0:
+                    os.close(fd)
             raise
-        for fd in (req_r, resp_w, alive_r):
-            os.close(fd)
+        for fd in (req_r, resp_w, alive_r, info_w):
+            if fd >= 0:
+                os.close(fd)
         self._req_w, self._resp_r = req_w, resp_r
         self._resources.update(proc=self._proc, fds=[req_w, resp_r, alive_w])
         self.worker_starts += 1
         ready = self._recv(time.monotonic() + self.config.start_timeout_s)
+        if info_r >= 0:
+            pidfd = _read_pid1(info_r)  # written before the worker started: never waits here
+            if pidfd is not None:
+                self._resources["pidfd"] = pidfd
         if not (isinstance(ready, dict) and ready.get("ready")):
             proc = self._proc
             returncode = self._stop_worker(keep_stderr=True)
@@ -559,17 +568,7 @@ class Sandbox:
         if proc is None:
             return None
         self._proc = None
-        if proc.poll() is None:
-            # SIGKILL to bwrap: its PID-1 child dies with it (--die-with-parent), and the kernel
-            # then kills every process left in the PID namespace. Without bwrap, the group.
-            try:
-                if self._bwrap:
-                    proc.kill()
-                else:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        returncode = proc.wait()
+        returncode = _kill_tree(proc, self._resources.pop("pidfd", None), bwrap=self._bwrap is not None)
         for fd in self._resources.pop("fds", ()):
             os.close(fd)
         self._resources.pop("proc", None)
@@ -602,6 +601,22 @@ class Sandbox:
                     return "eof"  # garbage on the protocol pipe: treat the worker as broken
             need = _HEADER.size + _HEADER.unpack(buf[:_HEADER.size])[0]
             have_header = True
+
+
+def _read_pid1(info_r: int) -> Optional[int]:
+    """A pidfd of the sandbox's PID 1, from bwrap's --info-fd JSON; None if unavailable."""
+    data = b""
+    try:
+        while select.select([info_r], [], [], 1.0)[0]:
+            chunk = os.read(info_r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        return os.pidfd_open(json.loads(data)["child-pid"])
+    except (OSError, ValueError, KeyError, AttributeError):  # old kernel/python: kill via bwrap then
+        return None
+    finally:
+        os.close(info_r)
 
 
 _spawner: tuple[int, ThreadPoolExecutor] | None = None
@@ -644,14 +659,34 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
-def _cleanup(resources: dict) -> None:
-    proc = resources.pop("proc", None)
-    if proc is not None and proc.poll() is None:
+def _kill_tree(proc: subprocess.Popen, pidfd: Optional[int], bwrap: bool) -> int:
+    """Kills a session's whole process tree and reaps it; returns the exit status of `proc`."""
+    if pidfd is not None:
+        # bwrap's PID 1, through a pidfd (no PID-reuse race). Linux kills every process of the
+        # PID namespace before PID 1 finishes exiting, so once the pidfd is readable the sandbox
+        # is empty: nothing is left writing into the work dir we are about to remove.
         try:
-            proc.kill()
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait()
+        select.select([pidfd], [], [], 5.0)
+        os.close(pidfd)
+    if proc.returncode is None:  # not reaped yet, so its pid (and group id) cannot have been reused
+        try:
+            if bwrap:
+                proc.kill()  # and --die-with-parent takes PID 1 down, if there was no pidfd
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)  # no namespace without bwrap: the process group
+        except ProcessLookupError:
+            pass
+    return proc.wait()
+
+
+def _cleanup(resources: dict) -> None:
+    proc = resources.pop("proc", None)
+    pidfd = resources.pop("pidfd", None)
+    if proc is not None:
+        _kill_tree(proc, pidfd, bwrap=pidfd is not None or resources.get("bwrap", False))
     for fd in resources.pop("fds", ()):
         try:
             os.close(fd)
