@@ -269,10 +269,16 @@ def _static_bwrap_args(python: str, tmpfs_bytes: int, root_mode: bool) -> tuple[
     return tuple(args)
 
 
+# One thread per math library: BLAS/OpenMP would otherwise start one thread per host core on
+# `import numpy`, which on a big machine exceeds max_processes and memory_mb in every session.
+_SINGLE_THREADED = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def _clean_env(python: str, home: str) -> dict[str, str]:
     # No host variable gets in: API keys and tokens in the host environment stay invisible.
     return {"PATH": f"{os.path.dirname(os.path.abspath(python))}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": home, "LANG": "C.UTF-8", "TMPDIR": "/tmp" if home == HOME_IN_SANDBOX else tempfile.gettempdir()}
+            "HOME": home, "LANG": "C.UTF-8", "TMPDIR": "/tmp" if home == HOME_IN_SANDBOX else tempfile.gettempdir(),
+            **_SINGLE_THREADED}
 
 
 def _describe_death(returncode: Optional[int], cfg: SandboxConfig, bwrap: bool) -> str:

@@ -174,7 +174,7 @@ def test_host_environment_is_invisible(monkeypatch):
     with Sandbox(SandboxConfig(**FAST)) as s:  # started after the variable is set
         r = s.run_python("import os; print(sorted(os.environ)); print(open('/proc/self/environ').read())")
         assert r.ok and "sk-host-secret" not in r.output
-        assert r.output.splitlines()[0] == "['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']"
+        assert r.output.splitlines()[0] == "['HOME', 'LANG', 'MKL_NUM_THREADS', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'PATH', 'PWD', 'TMPDIR']"
         r = s.run_shell("env; cat /proc/1/environ 2>&1; cat /proc/*/environ 2>&1")
         assert "sk-host-secret" not in r.output and "AQ_TEST_API_KEY" not in r.output
 
@@ -418,7 +418,7 @@ def test_unprivileged_user_mode():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.splitlines()[-1])
     assert out["euid"] == 65534
-    assert out["env"] == "['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']\n"
+    assert out["env"] == "['HOME', 'LANG', 'MKL_NUM_THREADS', 'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'PATH', 'PWD', 'TMPDIR']\n"
     assert out["net"] == "[(1, 'lo')]\n"
     assert int(out["fork"]) < 32
     assert "NESTED" not in out["userns"]  # --disable-userns
@@ -520,3 +520,9 @@ def test_common_python_machinery_works_inside(sb):
         print(open("out.json").read())
     """)
     assert r.ok and r.output == "[1, 2, 3]\n", r.output
+
+
+def test_venv_packages_import_inside(sb):
+    pytest.importorskip("numpy")  # the sandbox sees the venv read-only, so what it has, the code has
+    r = sb.run_python("import numpy as np\nint(np.linalg.matrix_rank(np.eye(3)))")
+    assert r.ok and r.output == "3\n", r.output
