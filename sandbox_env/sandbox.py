@@ -340,6 +340,7 @@ class Sandbox:
         self._finalizer = weakref.finalize(self, _cleanup, self._resources)
         self._uid = self._gid = None
         self._closed = False
+        self._lock = threading.Lock()  # one call at a time: the protocol is strictly request/response
 
     # -- session lifetime -------------------------------------------------------------------
     def __enter__(self) -> "Sandbox":
@@ -384,6 +385,10 @@ class Sandbox:
         return self._call("shell", command, timeout_s)
 
     def _call(self, op: str, code: str, timeout_s: Optional[float]) -> RunResult:
+        with self._lock:
+            return self._call_locked(op, code, timeout_s)
+
+    def _call_locked(self, op: str, code: str, timeout_s: Optional[float]) -> RunResult:
         if not isinstance(code, str):
             raise TypeError(f"run_{op} takes the code as str, got {type(code).__name__}")
         timeout = float(timeout_s if timeout_s is not None else self.config.timeout_s)

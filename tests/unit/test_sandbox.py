@@ -526,3 +526,19 @@ def test_venv_packages_import_inside(sb):
     pytest.importorskip("numpy")  # the sandbox sees the venv read-only, so what it has, the code has
     r = sb.run_python("import numpy as np\nint(np.linalg.matrix_rank(np.eye(3)))")
     assert r.ok and r.output == "3\n", r.output
+
+
+def test_concurrent_calls_on_one_session_are_serialized(sb):
+    sb.run_python("hits = []")
+    results = {}
+
+    def call(i):
+        results[i] = sb.run_python(f"hits.append({i})\nprint({i})")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: r.output for i, r in results.items()} == {i: f"{i}\n" for i in range(16)}  # each got its own reply
+    assert sb.run_python("sorted(hits)").output == f"{list(range(16))}\n"
