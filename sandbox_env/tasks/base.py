@@ -167,8 +167,9 @@ class TaskFamily:
             a = parse_number(got)
             if a is None:
                 return {"correct": False, "answer": got, "reason": f"expected a number, got {got!r}"}
-            if isinstance(a, int) and isinstance(b, int):
-                ok = a == b
+            if isinstance(b, int):
+                # an integer reference is exact: "125.0" is fine, "1.27e30" (float-rounded) is not
+                ok = a == b if isinstance(a, int) else (a.is_integer() and abs(a) < 2**53 and int(a) == b)
             else:
                 ok = math.isclose(a, b, rel_tol=self.rel_tol, abs_tol=1e-9)
             reason = "numeric match" if ok else f"numeric mismatch: got {got}, expected {task.answer}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -195,6 +196,9 @@ def test_verify_numeric_text_and_case():
     assert arith.verify(t, f"Answer: {int(t.answer):,}")["correct"]  # thousands separators are fine
     v = arith.verify(t, f"Answer: {int(t.answer) + 1}")
     assert not v["correct"] and "numeric mismatch" in v["reason"]  # big ints compare exactly, no float tolerance
+    assert not arith.verify(t, f"Answer: {float(t.answer):e}")["correct"]  # a float-rounded big int is not exact
+    t125 = dataclasses.replace(t, answer="125")
+    assert arith.verify(t125, "Answer: 125.0")["correct"] and not arith.verify(t125, "Answer: 125.5")["correct"]
     v = arith.verify(t, "I think it is big.")
     assert not v["correct"] and v["answer"] is None and "no 'Answer:" in v["reason"]
     ts = next(strings.make("train", i) for i in range(50) if strings.make("train", i).params["kind"] == "transform")
