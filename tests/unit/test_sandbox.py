@@ -542,3 +542,14 @@ def test_concurrent_calls_on_one_session_are_serialized(sb):
         t.join()
     assert {i: r.output for i, r in results.items()} == {i: f"{i}\n" for i in range(16)}  # each got its own reply
     assert sb.run_python("sorted(hits)").output == f"{list(range(16))}\n"
+
+
+def test_bwrap_that_cannot_start_is_explained(monkeypatch, tmp_path):
+    # What bwrap prints where unprivileged user namespaces are off (e.g. Ubuntu's AppArmor rule).
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with Sandbox(SandboxConfig(**FAST)) as s:
+        with pytest.raises(RuntimeError, match="uid map: Permission denied.*apparmor_restrict_unprivileged_userns"):
+            s.run_python("1")
