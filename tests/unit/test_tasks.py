@@ -196,7 +196,10 @@ def test_verify_numeric_text_and_case():
     assert arith.verify(t, f"Answer: {int(t.answer):,}")["correct"]  # thousands separators are fine
     v = arith.verify(t, f"Answer: {int(t.answer) + 1}")
     assert not v["correct"] and "numeric mismatch" in v["reason"]  # big ints compare exactly, no float tolerance
-    assert not arith.verify(t, f"Answer: {float(t.answer):e}")["correct"]  # a float-rounded big int is not exact
+    big = dataclasses.replace(t, answer=str(3**80))
+    assert arith.verify(big, f"Answer: {3**80}")["correct"]
+    assert not arith.verify(big, f"Answer: {float(3**80):e}")["correct"]  # a float-rounded big int is not exact
+    assert not arith.verify(big, f"Answer: {float(3**80)}")["correct"]
     t125 = dataclasses.replace(t, answer="125")
     assert arith.verify(t125, "Answer: 125.0")["correct"] and not arith.verify(t125, "Answer: 125.5")["correct"]
     v = arith.verify(t, "I think it is big.")
