@@ -11,9 +11,15 @@ and a warm call costs a pipe round trip, not an interpreter start. A hostile cal
 itself: if the worker dies or hangs it is killed with its whole namespace and restarted on the
 next call (its state is then lost, and the result says so).
 
+What the code sees: /usr (and the /bin, /lib* links into it), a few /etc files the dynamic
+loader needs, the interpreter's install and venv, all read-only; a fresh /proc of its own PID
+namespace, a minimal /dev, private tmpfs /tmp, /dev/shm and home, and the work dir (a host temp
+dir, bind-mounted read-write at /home/sandbox/work). Nothing else of the host: no /home, /root,
+/work, /etc/shadow, /var, /run, /sys.
+
 Two ways bubblewrap is run, chosen by who we are on the host (both tested in this container):
-- an unprivileged user (the usual case, CI): `--unshare-all` including a user namespace, the
-  sandbox user is uid 65534 there, no capabilities, `--disable-userns` inside.
+- an unprivileged user (the usual case, CI): new user, PID, network, IPC, UTS and cgroup
+  namespaces; the sandbox user is uid 65534 there, with no capabilities and `--disable-userns`.
 - real root (containers, like this project's dev box): a user namespace would map the sandbox
   to host uid 0, and the kernel never applies RLIMIT_NPROC to uid 0, so a fork bomb would not be
   contained. Instead bwrap runs without a user namespace, keeps only CAP_SETUID/CAP_SETGID, and
