@@ -118,7 +118,15 @@ def test_network_is_blocked(sb):
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     port = server.getsockname()[1]
+    # Abstract unix sockets (D-Bus, X11 and friends use them) belong to the network namespace.
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(f"\0aq-test-{uuid.uuid4().hex}")
+    abstract.listen(1)
     try:
+        r = sb.run_python(f"import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                          f"try:\n    s.connect({abstract.getsockname()!r}); print('CONNECTED')\n"
+                          f"except OSError as e:\n    print('blocked', type(e).__name__)")
+        assert r.ok and r.output.startswith("blocked"), r.output
         r = _py(sb, f"""
             import socket
             print(socket.if_nameindex())
@@ -139,6 +147,7 @@ def test_network_is_blocked(sb):
         assert "CONNECTED" not in r.output and not r.ok
     finally:
         server.close()
+        abstract.close()
 
 
 def test_host_files_are_invisible(sb, tmp_path):
