@@ -21,10 +21,14 @@ returns the documents concatenated, with `doc_lens` so packing restarts position
 attention) at each.
 
 A document longer than `max_len` is split at step boundaries (a step = one assistant message
-and the tool results answering it; never cut inside). Each piece keeps the system message, the
-tool declarations and the turn's user message, then as much of the preceding history as fits
-(the most recent steps first, then earlier turns), then labelled steps. A step that cannot fit
-even with the bare prefix is dropped and counted in `SplitStats`.
+and the tool results answering it; never cut inside a message, never a result without its
+call). Each piece keeps the tool declarations, the system message and the turn's user message,
+then the previous step whole (the call and results the first labelled step reacts to), then as
+much older history as fits (most recent steps first, then earlier turns), then the labelled
+steps. A piece may end right after an assistant's tool call, without its results: so a call
+whose output is huge is still learned; the step after it, which must see that output, is the
+one dropped. A step that cannot fit with its required context is dropped and counted in
+`SplitStats` (`dropped_steps`, and the tokens of the assistant messages lost).
 """
 
 from __future__ import annotations
@@ -229,58 +233,66 @@ class Renderer:
         return out
 
     def _unit_lengths(self, msgs, tools, head_sys, hist, u, steps, full):
-        """(prefix length, length of each step, length of each earlier turn) in tokens, measured as
-        what adding the unit to the bare prefix adds (blocks start and end at message
-        boundaries, so lengths add; `_split` re-checks each piece anyway)."""
+        """Token lengths: the bare prefix (tools, system, user), each step's assistant message
+        alone, each whole step (assistant + tool results), each earlier turn. Measured as what
+        adding the unit to the bare prefix adds (blocks start and end at message boundaries, so
+        lengths add; `_split` re-checks each piece anyway)."""
         head = head_sys + [u]
         n_head = len(self._encode(msgs, head, tools, set())[0])
 
         def extra(keep):
             return len(self._encode(msgs, keep, tools, set())[0]) - n_head
 
-        return n_head, [extra(head + s) for s in steps], [extra(head_sys + h + [u]) for h in hist]
+        return (n_head, [extra(head + s[:1]) for s in steps], [extra(head + s) for s in steps],
+                [extra(head_sys + h + [u]) for h in hist])
 
     def _build_piece(self, msgs, tools, keep, labelled, full):
         return self._encode(msgs, keep, tools, labelled)
 
     def _split(self, msgs, tools, head_sys, hist, u, steps, max_len, st, full) -> list[dict]:
-        n_head, step_len, hist_len = self._unit_lengths(msgs, tools, head_sys, hist, u, steps, full)
+        """Pieces of one over-long turn. A piece labels a run of steps j..k: their assistant
+        messages and the tool results between them; the results of step k are left out (nothing
+        after them in the piece needs them). Step j > 0 needs step j-1 whole (the call and the
+        results it reacts to) as context; more history is added most recent first while it fits."""
+        n_head, a_len, s_len, hist_len = self._unit_lengths(msgs, tools, head_sys, hist, u, steps, full)
+        t_len = [s - a for s, a in zip(s_len, a_len)]
         pieces, j = [], 0
         while j < len(steps):
-            if n_head + step_len[j] > max_len:
+            used = n_head + a_len[j] + (s_len[j - 1] if j else 0)
+            if used > max_len:
                 st.dropped_steps += 1
-                st.dropped_step_tokens += step_len[j]
+                st.dropped_step_tokens += a_len[j]
                 j += 1
                 continue
-            budget = max_len - n_head
-            run, used, k = [j], step_len[j], j + 1
-            while k < len(steps) and used + step_len[k] <= budget:
+            run, k = [j], j + 1
+            while k < len(steps) and used + t_len[k - 1] + a_len[k] <= max_len:
                 run.append(k)
-                used += step_len[k]
+                used += t_len[k - 1] + a_len[k]
                 k += 1
-            ctx = []
-            for p in range(j - 1, -1, -1):
-                if used + step_len[p] > budget:
+            ctx = [j - 1] if j else []
+            for p in range(j - 2, -1, -1):
+                if used + s_len[p] > max_len:
                     break
                 ctx.insert(0, p)
-                used += step_len[p]
+                used += s_len[p]
             ctx_hist = []
             if len(ctx) == j:  # earlier turns only if the whole turn so far is there
                 for h in range(len(hist) - 1, -1, -1):
-                    if used + hist_len[h] > budget:
+                    if used + hist_len[h] > max_len:
                         break
                     ctx_hist.insert(0, h)
                     used += hist_len[h]
             while True:
                 keep = (head_sys + [i for h in ctx_hist for i in hist[h]] + [u]
-                        + [i for s in ctx + run for i in steps[s]])
-                ids, labels = self._build_piece(msgs, tools, keep, {steps[s][0] for s in run}, full)
+                        + [i for p in ctx for i in steps[p]]
+                        + [i for q in run[:-1] for i in steps[q]] + steps[run[-1]][:1])
+                ids, labels = self._build_piece(msgs, tools, keep, {steps[q][0] for q in run}, full)
                 if len(ids) <= max_len:
                     break
                 # lengths did not add exactly (a template joins neighbours): shed context, then steps
                 if ctx_hist:
                     ctx_hist.pop(0)
-                elif ctx:
+                elif len(ctx) > 1:
                     ctx.pop(0)
                 elif len(run) > 1:
                     run.pop()
@@ -288,7 +300,7 @@ class Renderer:
                     break
             if len(ids) > max_len:
                 st.dropped_steps += 1
-                st.dropped_step_tokens += step_len[j]
+                st.dropped_step_tokens += a_len[j]
                 j += 1
                 continue
             pieces.append({"input_ids": ids, "labels": labels})
@@ -414,7 +426,8 @@ class TinyRenderer(Renderer):
         pre, span = self._blocks(full, tools)
         n = {i: b - a for i, (a, b) in span.items()}
         n_head = pre[1] - pre[0] + sum(n[i] for i in head_sys + [u])
-        return n_head, [sum(n[i] for i in s) for s in steps], [sum(n[i] for i in h) for h in hist]
+        return (n_head, [n[s[0]] for s in steps], [sum(n[i] for i in s) for s in steps],
+                [sum(n[i] for i in h) for h in hist])
 
     def _build_piece(self, msgs, tools, keep, labelled, full):
         ids, labels, _ = full

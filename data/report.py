@@ -40,10 +40,12 @@ def compute_report(records, tokenizer, seq_len: int | None = None) -> dict:
     tokens, loss_share, calls, steps = [], [], [], []
     families, correct = collections.Counter(), collections.Counter()
     for rec in records:
-        docs = r.render_documents(rec, max_len=seq_len, stats=stats)
+        # length as rendered whole (one document per turn); loss share as training sees it (split)
+        whole = r.render_documents(rec, as_numpy=True, stats=stats if seq_len is None else None)
+        docs = whole if seq_len is None else r.render_documents(rec, max_len=seq_len, as_numpy=True, stats=stats)
         n = sum(len(d["input_ids"]) for d in docs)
-        n_loss = sum(sum(1 for t in d["labels"] if t != IGNORE_INDEX) for d in docs)
-        tokens.append(n)
+        n_loss = sum(int((d["labels"] != IGNORE_INDEX).sum()) for d in docs)
+        tokens.append(sum(len(d["input_ids"]) for d in whole))
         loss_share.append(n_loss / n if n else 0.0)
         msgs = rec["messages"]
         calls.append(sum(len(m.get("tool_calls") or []) for m in msgs))
@@ -76,8 +78,8 @@ def format_table(rep: dict) -> str:
              f"documents: {rs['docs']} turns -> {rs['pieces']} training documents; {rs['split_docs']} split, "
              f"{rs['dropped_steps']} steps dropped ({rs['dropped_step_tokens']} tokens) of {rs['steps']}",
              "", "| per trajectory | mean | min | p50 | p90 | max |", "| --- | --- | --- | --- | --- | --- |",
-             row("tokens", rep["tokens_per_trajectory"]),
-             row("loss-token share", rep["loss_share_per_trajectory"], "{:.3f}"),
+             row("tokens (unsplit)", rep["tokens_per_trajectory"]),
+             row("loss-token share (as trained)", rep["loss_share_per_trajectory"], "{:.3f}"),
              row("tool calls", rep["tool_calls_per_trajectory"], "{:.2f}"),
              row("assistant steps", rep["assistant_steps_per_trajectory"], "{:.2f}"),
              "", "| task family | records | correct |", "| --- | --- | --- |"]
@@ -94,7 +96,7 @@ def plot(rep: dict, path: Path) -> None:
     s = rep["_series"]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     ax[0].hist(s["tokens"], bins=30)
-    ax[0].set(title="tokens per trajectory", xlabel="tokens", ylabel="trajectories")
+    ax[0].set(title="tokens per trajectory (unsplit)", xlabel="tokens", ylabel="trajectories")
     ax[1].hist(s["loss_share"], bins=30, range=(0, 1))
     ax[1].set(title="loss-token share per trajectory", xlabel="share of tokens with loss")
     mx = max(s["tool_calls"] or [0])

@@ -226,14 +226,16 @@ def test_split_at_step_boundaries(renderer):
 
 
 def test_split_drops_and_counts_oversized_step(renderer):
+    """An assistant message too long for any piece is dropped, and so is the next step, which
+    needs it (with its results) as context; both are counted."""
     rec = long_record(steps=3, output_lines=5)
-    rec["messages"][4]["content"] = "x " * 3000  # tool result of step 1 far beyond max_len
+    rec["messages"][4]["content"] = "x " * 3000  # the assistant message of step 1
     st = SplitStats()
     pieces = renderer.render_documents(rec, max_len=600, stats=st)
-    assert st.dropped_steps == 1 and st.dropped_step_tokens > 600
+    assert st.dropped_steps == 2 and st.dropped_step_tokens > 600
     labelled = [renderer.parse_assistant(p["input_ids"][a:b])["content"]
                 for p in pieces for a, b in _runs(p["labels"])]
-    assert labelled == ["Block 0.", "Block 2.", "Answer: done"]
+    assert labelled == ["Block 0.", "Answer: done"]
     assert all(len(p["input_ids"]) <= 600 for p in pieces)
 
 
@@ -313,3 +315,21 @@ def test_training_variant_found_by_rendering_when_text_differs(qwen):
     tok.chat_template = qwen.chat_template.replace("<tool_response>", "<result>")
     with pytest.raises(ValueError, match="training_template="):
         get_renderer(tok)
+
+
+def test_split_huge_tool_output_keeps_the_call(renderer):
+    """A tool result too long for any piece: the call that caused it is still labelled; the step
+    that must read it is dropped and counted; no piece shows a result without its call."""
+    rec = long_record(steps=3, output_lines=5)
+    rec["messages"][5]["content"] = "w " * 3000  # result of step 1 (call_1)
+    st = SplitStats()
+    pieces = renderer.render_documents(rec, max_len=600, stats=st)
+    labelled = [renderer.parse_assistant(p["input_ids"][a:b])["content"] for p in pieces for a, b in _runs(p["labels"])]
+    assert labelled == ["Block 0.", "Block 1.", "Answer: done"]
+    assert st.dropped_steps == 1 and 0 < st.dropped_step_tokens < 100  # "Block 2." lost, not the output
+    for p in pieces:
+        text = renderer.decode(p["input_ids"])
+        assert len(p["input_ids"]) <= 600 and "w w w" not in text
+        for s in range(3):
+            if f"{s * 100} {(s * 100) ** 2}\n" in text:
+                assert f"range({s * 100}, " in text
