@@ -96,7 +96,8 @@ class SandboxConfig:
     memory_mb: int = 1024
     """RLIMIT_AS (address space) of each sandbox process, in MiB."""
     max_processes: int = 64
-    """RLIMIT_NPROC: processes plus threads of the sandbox user (contains fork bombs)."""
+    """RLIMIT_NPROC: processes plus threads of the sandbox user (contains fork bombs; not applied
+    with isolation='none', where it would count all of the host user's processes)."""
     max_file_mb: int = 64
     """RLIMIT_FSIZE: the largest file a sandbox process may write, in MiB."""
     max_open_files: int = 256
@@ -522,6 +523,10 @@ class Sandbox:
             "RLIMIT_NOFILE": cfg.max_open_files,
             "RLIMIT_CORE": 0,
         }
+        if not self._bwrap:
+            # Without a sandbox uid of its own, RLIMIT_NPROC would count all of the host user's
+            # processes and could forbid the shell from starting at all.
+            del limits["RLIMIT_NPROC"]
         if self._bwrap:
             script = _worker_script(self.python)
             home, workdir, script = HOME_IN_SANDBOX, WORKDIR_IN_SANDBOX, _WORKER_IN_SANDBOX + os.path.splitext(script)[1]
