@@ -408,7 +408,7 @@ class Sandbox:
         if self._proc is not None and self._proc.poll() is not None:
             why = _describe_death(self._proc.returncode, self.config, self._bwrap is not None)
             self._stop_worker()
-            notice = f"[note: {why} after the previous call; the interpreter was restarted and its state was lost]"
+            notice = f"[note: since the previous call, {why}; the interpreter was restarted and its state was lost]"
         if self._proc is None:  # first call, or the previous call killed it (and said so)
             self._start_worker()
         request = marshal.dumps({"op": op, "code": code, "timeout": timeout})

@@ -562,3 +562,13 @@ def test_bwrap_that_cannot_start_is_explained(monkeypatch, tmp_path):
     with Sandbox(SandboxConfig(**FAST)) as s:
         with pytest.raises(RuntimeError, match="uid map: Permission denied.*apparmor_restrict_unprivileged_userns"):
             s.run_python("1")
+
+
+def test_worker_death_between_calls_is_reported_on_the_next():
+    with Sandbox(SandboxConfig(**FAST)) as s:
+        s.run_python("kept = 1\nimport os\nos.system('(sleep 0.3; kill -9 %d) &' % os.getpid())")
+        time.sleep(1.0)
+        r = s.run_python("print('kept' in globals())")
+        assert r.ok and r.state_lost and r.output.startswith("[note: since the previous call, the python worker")
+        assert r.output.endswith("False\n")
+        assert not s.run_python("1").state_lost  # reported once
