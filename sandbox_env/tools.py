@@ -154,6 +154,7 @@ class ToolBox:
         if not isinstance(arguments, dict):
             return _fail(f"Error: the arguments of {name!r} must be a JSON object, got {type(arguments).__name__}. "
                          + expected, "arguments are not an object")
+        arguments = dict(arguments)  # never modify the caller's (e.g. a trajectory's) dict
         props, problems = schema["properties"], []
         for key in schema["required"]:
             if key not in arguments:

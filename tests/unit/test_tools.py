@@ -137,6 +137,8 @@ def test_bad_calls_return_errors_for_the_model(retrieval, name, arguments, expec
 
 def test_integral_float_is_accepted_as_integer(retrieval):
     assert retrieval.call("open", '{"doc_id": "doc-2", "page": 2.0}').ok
+    args = {"doc_id": "doc-2", "page": 2.0}
+    assert retrieval.call("open", args).ok and args["page"] == 2.0 and isinstance(args["page"], float)  # untouched
 
 
 def test_constructor_checks_its_wiring(index):
