@@ -99,10 +99,10 @@ def main():
         calls["none"].append(warm_calls(NONE, args.calls))
         calls["exec"].append(exec_calls(args.calls))
     b, u, e = (min(calls[k]) * 1e3 for k in ("bwrap", "none", "exec"))
-    print(f"\nwarm python call, {args.calls} calls x {args.repeats} repeats (best), ms/call")
-    print(f"  {'sandbox (bwrap)':<34}{b:8.3f}")
-    print(f"  {'same worker, no sandbox':<34}{u:8.3f}")
-    print(f"  {'in-process exec':<34}{e:8.3f}")
+    print(f"\nwarm python call, {args.calls} calls x {args.repeats} repeats (best)")
+    print(f"  {'':<34}{'ms/call':>8}{'calls/s':>10}")
+    for name, ms in (("sandbox (bwrap)", b), ("same worker, no sandbox", u), ("in-process exec", e)):
+        print(f"  {name:<34}{ms:8.3f}{1e3 / ms:10.0f}")
     print(f"  bwrap overhead over the unsandboxed worker: {b - u:+.3f} ms/call (ratio {b / u:.2f}x); "
           f"over in-process exec: {b - e:+.3f} ms/call")
 
