@@ -410,6 +410,10 @@ def test_unprivileged_user_mode():
             out["net"] = s.run_python("import socket; print(socket.if_nameindex())").output
             out["userns"] = s.run_shell("unshare -U true && echo NESTED || echo refused").output
             out["state"] = s.run_python("x = 3\\nx").output + s.run_shell("ls -d .").output
+            s.write_file("in.txt", "from host")
+            s.run_shell("cat in.txt > out.txt && echo ' and back' >> out.txt")
+            out["files"] = s.read_file("out.txt")
+            out["host"] = s.run_shell("cat /etc/shadow {REPO}/pyproject.toml 2>&1; ls /root 2>&1").output
             out["fork"] = s.run_python("import os\\nn = 0\\ntry:\\n    while True:\\n        if os.fork() == 0:\\n"
                                        "            os.execv('/bin/sleep', ['sleep', '5'])\\n        n += 1\\n"
                                        "except OSError:\\n    print(n)").output
@@ -432,6 +436,8 @@ def test_unprivileged_user_mode():
     assert int(out["fork"]) < 32
     assert "NESTED" not in out["userns"]  # --disable-userns
     assert out["state"] == "3\n.\n"
+    assert out["files"] == "from host and back\n"
+    assert "No such file" in out["host"] and "[project]" not in out["host"] and "root:" not in out["host"]
 
 
 def _host_processes(pattern: str) -> list[str]:
