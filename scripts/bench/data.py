@@ -1,6 +1,7 @@
 """Data pipeline throughput: tokens/s rendered + masked + packed + collated, against plain tokenization.
 
 Run:  .venv/bin/python scripts/bench/data.py [--records 2000] [--seq-len 2048] [--repeats 3]
+      .venv/bin/python scripts/bench/data.py --dataset outputs/trajectories/train --seq-len 4096
 
 Both sides handle the same tokens in the same run: the pipeline side is `build_dataloader` over
 the records (K2-style rendering, loss masks, step-boundary splitting, best-fit packing) plus one
@@ -39,7 +40,8 @@ def best(fn, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--records", type=int, default=2000, help="fixture records (data.testing) to generate")
+    ap.add_argument("--dataset", default=None, help="benchmark on a trajectories dataset/.jsonl instead of fixtures")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--vocab-size", type=int, default=2048)
@@ -47,7 +49,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    records = make_records(a.records, seed=0) + [long_record(12, 20) for _ in range(max(1, a.records // 100))]
+    if a.dataset:
+        from data.schema import read_trajectories
+
+        records = list(read_trajectories(a.dataset))
+    else:
+        records = make_records(a.records, seed=0) + [long_record(12, 20) for _ in range(max(1, a.records // 100))]
     tok = train_tokenizer(records[:500], vocab_size=a.vocab_size)
     r = get_renderer(tok)
 
