@@ -20,6 +20,8 @@ T tokens, K experts per token (top-k), H hidden size.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -45,12 +47,26 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"pack_int4: codes must be int8, got {codes.dtype}")
     if codes.shape[-1] % CODES_PER_WORD != 0:
         raise ValueError(f"pack_int4: the input dim {codes.shape[-1]} must be a multiple of {CODES_PER_WORD}")
-    u = (codes.to(torch.int32) + 8).unflatten(-1, (-1, CODES_PER_WORD))
-    if bool(((u < 0) | (u > 15)).any()):
-        raise ValueError("pack_int4: codes must lie in [-8, 7]")
-    # The nibbles are disjoint, so the sum is the bitwise or; values of 8..15 in the top nibble
-    # wrap the int32 sign bit, which is exactly the two's-complement word compressed-tensors writes.
-    return (u << _SHIFTS.to(u.device)).sum(-1, dtype=torch.int32)
+    if codes.numel():
+        lo, hi = torch.aminmax(codes)
+        if lo < -8 or hi > 7:
+            raise ValueError(f"pack_int4: codes must lie in [-8, 7], got [{int(lo)}, {int(hi)}]")
+    return pack_nibbles((codes + 8).view(torch.uint8))
+
+
+def pack_nibbles(u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 nibbles (0..15) [..., I] -> int32 words [..., I/8], nibble 2k low and 2k+1 high in byte k.
+
+    On a little-endian host byte k of a word is bits 8k..8k+7, so channel j lands in bits 4j..4j+3
+    (int32 words are the checkpoint's, read back with the same byte order by safetensors)."""
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CPU runs torch's int4 kernels
+        shifts = _SHIFTS.to(u.device)
+        return (u.to(torch.int32).unflatten(-1, (-1, CODES_PER_WORD)) << shifts).sum(-1, dtype=torch.int32)
+    high = torch.bitwise_left_shift(u[..., 1::2], 4)
+    if out is None:
+        out = torch.empty(high.shape, dtype=torch.uint8, device=u.device)
+    torch.bitwise_or(u[..., 0::2], high, out=out)
+    return out.view(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor, in_features: int | None = None) -> torch.Tensor:

@@ -208,3 +208,28 @@ def test_tokenizer_and_chat_template_are_written(tmp_path):
 def test_quantization_config_dict_group_size():
     qc = quantization_config_dict(QuantConfig(group_size=64), ["lm_head"])
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64 and qc["ignore"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("observer,grid,dtype", [("absmax", "k2", torch.float32), ("absmax", "full", torch.bfloat16),
+                                                 ("mse", "k2", torch.bfloat16), ("lsq", "k2", torch.float32)])
+def test_chunked_quantizer_is_fq_quantize_bit_for_bit(observer, grid, dtype, monkeypatch):
+    from torch import nn
+
+    from qat.export import _ChunkedQuantizer, _Target
+    from qat.fake_quant import ExpertWeightFakeQuant
+    from qat.int4 import pack_int4
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(7, 48, 128, generator=g) * torch.rand(7, 48, 1, generator=g)).to(dtype)
+    w[2, 3, 32:64] = 0  # an all-zero group: scale 0, codes 0
+    module = nn.Module()
+    module.gate_up_proj = nn.Parameter(w)
+    cfg = QuantConfig(observer=observer, grid=grid)
+    fq = ExpertWeightFakeQuant(cfg, w.data, False, "gate_up_proj")
+    codes, scale = fq.quantize(w)
+    monkeypatch.setattr(_ChunkedQuantizer, "CHUNK_ELEMENTS", 3 * 48 * 128)  # chunks of 3 experts: 3, 3, 1
+    chunks = list(_ChunkedQuantizer().chunks(_Target("gate_up_proj", module, "gate_up_proj", fq)))
+    if observer != "lsq":
+        assert [(c[0], c[1]) for c in chunks] == [(0, 3), (3, 6), (6, 7)]
+    assert torch.equal(torch.cat([c[2] for c in chunks]), pack_int4(codes))
+    assert torch.equal(torch.cat([c[3] for c in chunks]), scale)
