@@ -1,0 +1,135 @@
+"""The main job: trajectories -> BF16 -> QAT -> INT4 export + PTQ baselines -> evaluation -> report.
+
+Each stage is one of the project's own jobs run as a subprocess with Hydra overrides, exactly the
+command a user would type (they are printed), so the pipeline is a readable list of commands and
+nothing it does is hidden in this file. Every stage checks for its finished output first and skips
+when it is there: a rerun after a crash continues where it stopped (the training job itself
+resumes from its last checkpoint with resume=auto), and a rerun of a finished pipeline only prints
+the report.
+
+    bash scripts/pipeline.sh                                  # setup + the default pipeline (CPU)
+    .venv/bin/python scripts/pipeline.py out_dir=outputs/small generate.train_per_family=50 \
+        bf16.max_steps=40 qat.max_steps=10 sweep=[int4_g32] ptq=[rtn]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Pipeline:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir).resolve()
+        self.python = cfg.python or sys.executable
+        self.env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
+                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        self.timings: dict[str, float] = {}
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def run(self, name: str, module: str, overrides: list[str], done: Path | None) -> None:
+        if done is not None and done.exists():
+            print(f"[pipeline] {name}: done ({done.relative_to(self.out)}), skipped", flush=True)
+            return
+        cmd = [self.python, "-m", module, *overrides]
+        if self.cfg.threads and module == "train":
+            cmd.append(f"threads={self.cfg.threads}")
+        print(f"\n[pipeline] {name}: {shlex.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=self.env)
+        if proc.returncode != 0:
+            raise SystemExit(f"[pipeline] stage {name!r} failed (exit {proc.returncode}); fix it and rerun: "
+                             f"finished stages are skipped")
+        self.timings[name] = time.perf_counter() - t0
+        print(f"[pipeline] {name}: {self.timings[name]:.0f}s", flush=True)
+
+    def final_checkpoint(self, run_dir: Path, max_steps: int) -> Path:
+        return run_dir / "checkpoints" / f"step_{max_steps:06d}"
+
+    # --- stages -------------------------------------------------------------------------------
+    def generate(self) -> Path:
+        g = self.cfg.generate
+        out = self.out / "trajectories"
+        self.run("generate", "sandbox_env.generate", [
+            f"out_dir={out}", f"tasks={g.tasks}", f"tasks.splits.train={g.train_per_family}",
+            f"tasks.splits.heldout={g.heldout_per_family}", f"workers={g.workers}", *g.overrides,
+        ], done=out / "summary.json")
+        return out
+
+    def train(self, name: str, data: Path, qat: dict | None, init_from: Path | None, stage_cfg) -> Path:
+        run_dir = self.out / "runs" / name
+        final = self.final_checkpoint(run_dir, stage_cfg.max_steps)
+        overrides = [
+            f"data.path={data / 'train'}", f"output_dir={run_dir}", "resume=auto",
+            f"model={self.cfg.model}", f"data.seq_len={self.cfg.seq_len}",
+            f"micro_batch_size={self.cfg.micro_batch_size}", f"max_steps={stage_cfg.max_steps}",
+            f"optim.lr={stage_cfg.lr}", f"checkpoint.every={max(stage_cfg.max_steps // 4, 1)}",
+        ]
+        if init_from is not None:
+            overrides.append(f"model.path={init_from}")
+        if qat is None:
+            overrides.append("qat=none")
+        else:
+            overrides += ["qat=k2_int4", "qat.start_step=0", *[f"qat.{k}={v}" for k, v in qat.items()]]
+        self.run(f"train {name}", "train", [*overrides, *stage_cfg.overrides], done=final / "COMPLETE")
+        return final
+
+    def export(self, name: str, checkpoint: Path, qat: dict | None = None) -> Path:
+        out = self.out / "export" / name
+        overrides = [f"input={checkpoint}", f"output={out}", "overwrite=true"]
+        overrides += [f"qat.{k}={v}" for k, v in (qat or {}).items()]
+        self.run(f"export {name}", "qat.export", overrides, done=out / "export_complete.json")
+        return out
+
+    def main(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = self.generate()
+        bf16 = self.train("bf16", data, None, None, cfg.bf16)
+        models: list[dict] = [{"name": "bf16", "path": str(bf16)}]
+        for setting in cfg.sweep:
+            q = dict(cfg.settings[setting])
+            qat_ckpt = self.train(f"qat_{setting}", data, q, bf16, cfg.qat)
+            if q["bits"] == 4:
+                models.append({"name": f"qat_{setting}", "path": str(self.export(f"qat_{setting}", qat_ckpt))})
+                models.append({"name": f"ptq_rtn_{setting}", "path": str(self.export(f"ptq_rtn_{setting}", bf16, q))})
+            else:  # evaluated as fake quant: the QAT checkpoint carries its QuantConfig
+                models.append({"name": f"qat_{setting}", "path": str(qat_ckpt)})
+                models.append({"name": f"ptq_rtn_{setting}", "path": str(bf16), "ptq": {"method": "rtn", **q}})
+        base = dict(cfg.settings["int4_g32"])
+        for method in cfg.ptq:
+            if method == "rtn":
+                continue  # exported above for every setting
+            if method == "mse":
+                models.append({"name": "ptq_mse_int4_g32",
+                               "path": str(self.export("ptq_mse_int4_g32", bf16, {**base, "observer": "mse"}))})
+            else:
+                models.append({"name": f"ptq_{method}", "path": str(bf16), "ptq": {"method": method}})
+        (self.out / "models.json").write_text(json.dumps(models, indent=2))
+        self.evaluate(data, models)
+        print(f"\n[pipeline] finished in {time.perf_counter() - t0:.0f}s; stage times: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
+
+    def evaluate(self, data: Path, models: list[dict]) -> None:
+        print("[pipeline] models to evaluate:\n" + json.dumps(models, indent=2))
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    Pipeline(cfg).main()
+
+
+if __name__ == "__main__":
+    main()
