@@ -1,0 +1,251 @@
+"""The local-model policy and its engine: cache reuse is exact, batching changes nothing, budgets
+hold, malformed calls are survivable, and a 300-call episode stays bounded.
+
+Models are tiny and randomly initialised (sandbox_env.local_policy.tiny_model_and_tokenizer).
+Where an episode needs valid tool calls, the policy is *guided*: a small scripted policy decides
+each step and its tokens are forced through the real model (every forward runs, the KV cache is
+kept and cropped as in free decoding); the engine's own free decoding is tested token for token
+against recomputing the whole sequence from scratch.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from data.render import get_renderer
+from sandbox_env.local_policy import (
+    InferenceEngine,
+    KVCache,
+    LocalModelPolicy,
+    Request,
+    SamplingConfig,
+    checkpoint_kind,
+    load_policy_model,
+    tiny_model_and_tokenizer,
+)
+from sandbox_env.policies import AssistantStep, EpisodeState, ToolCall
+from sandbox_env.rollout import HIDDEN_PLACEHOLDER, SYSTEM_PROMPT, Budgets, TokenCounter, ToolEnv, run_episode
+from sandbox_env.tasks import get_family
+from train.models import set_experts_implementation
+
+torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (contention)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    return model, tok, get_renderer(tok)
+
+
+def _recompute(model, prompt, n, stop_ids):
+    """Greedy decoding by re-running the whole sequence for every token (no cache at all)."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+            if t in stop_ids:
+                break
+    return out
+
+
+def _conversation(n_tools=3):
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What is 2**100?"}]
+    for i in range(n_tools):
+        msgs.append({"role": "assistant", "content": "", "reasoning_content": f"step {i}",
+                     "tool_calls": [{"id": f"call_{i}", "type": "function",
+                                     "function": {"name": "python", "arguments": {"code": f"print({i}*7)"}}}]})
+        msgs.append({"role": "tool", "tool_call_id": f"call_{i}", "name": "python", "content": f"{i * 7}\n" * 5})
+    return msgs
+
+
+PY_TOOL = ToolEnv(tools=("python",))
+
+
+def test_kv_cache_decoding_equals_recompute_including_after_context_management(tiny):
+    model, tok, r = tiny
+    eng = InferenceEngine(model, r)
+    tools = [{"type": "function", "function": {"name": "python", "parameters": {"type": "object", "properties": {}}}}]
+    msgs = _conversation(3)
+    cache = KVCache()
+    p1 = r.render_prompt(msgs[:4], tools)
+    a = eng.generate([Request(p1, cache=cache, max_new_tokens=12)])[0]
+    assert a.reused_tokens == 0 and a.token_ids == _recompute(model, p1, 12, eng.stop_ids)
+    # the next step extends the conversation: most of the prompt comes from the cache
+    p2 = r.render_prompt(msgs, tools)
+    b = eng.generate([Request(p2, cache=cache, max_new_tokens=12)])[0]
+    assert b.reused_tokens > len(p1) // 2
+    assert b.token_ids == _recompute(model, p2, 12, eng.stop_ids)
+    # context management hides the first tool output: the prefix changes in the middle, the cache is cropped there
+    hidden = [dict(m) for m in msgs]
+    hidden[3]["content"] = HIDDEN_PLACEHOLDER
+    p3 = r.render_prompt(hidden, tools)
+    k = next(i for i, (x, y) in enumerate(zip(p2, p3)) if x != y)
+    c = eng.generate([Request(p3, cache=cache, max_new_tokens=12)])[0]
+    assert c.reused_tokens == k and c.prefill_tokens == len(p3) - k
+    assert c.token_ids == _recompute(model, p3, 12, eng.stop_ids)
+    assert cache.ids == (p3 + c.token_ids)[: len(cache.ids)] and len(cache.ids) == c.cache_tokens
+    assert cache.layers[0][0].shape[2] == len(cache.ids)
+
+
+def test_batched_decoding_equals_unbatched_and_threads_share_forwards(tiny):
+    model, tok, r = tiny
+    prompts = [r.render_prompt(_conversation(n)[: 2 + 2 * n], None) for n in (0, 1, 2, 3)]
+    alone = [InferenceEngine(model, r).generate([Request(p, max_new_tokens=16)])[0].token_ids for p in prompts]
+    eng = InferenceEngine(model, r, max_batch_size=8)
+    together = [x.token_ids for x in eng.generate([Request(p, max_new_tokens=16) for p in prompts])]
+    assert together == alone
+    assert eng.stats["max_batch"] == 4
+    # concurrent submits from threads are batched by the worker and give the same tokens
+    eng2 = InferenceEngine(model, r, max_batch_size=8)
+    out = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def go(i):
+        barrier.wait()
+        out[i] = eng2.submit(Request(prompts[i], max_new_tokens=16)).token_ids
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    eng2.close()
+    assert out == alone
+    assert eng2.stats["forwards"] < sum(len(a) for a in alone) + len(prompts)  # some forwards were shared
+
+
+def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
+    model, tok, r = tiny
+    eng = InferenceEngine(model, r)
+    think, end_think = eng.think_open_id, eng.think_close_id
+    p = r.render_prompt(_conversation(0), None)
+    res = eng.generate([Request(p, max_new_tokens=12, max_thinking_tokens=3, force_ids=[think])])[0]
+    ids = res.token_ids
+    assert ids[0] == think
+    close = ids.index(end_think)
+    assert close <= 4  # at most 3 thinking tokens
+    if close == 4:  # the model did not close it itself: the budget did, and decoding continued after it
+        assert res.forced_think_close == 1 and len(ids) > 5 or res.stopped
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok, r = tiny
+    eng = InferenceEngine(model, r)
+    p = r.render_prompt(_conversation(1), None)
+    a, b, c = eng.generate([Request(p, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=s) for s in (1, 1, 2)])
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    with pytest.raises(ValueError, match="sampling.top_p"):
+        SamplingConfig(top_p=0.0)
+
+
+class LoopingCaller:
+    """Calls python forever (or `n` times, then answers): a policy for budget and horizon tests."""
+
+    name = "looping"
+
+    def __init__(self, n=None, lines=3, bad_first=False, short=False):
+        self.n, self.lines, self.bad_first, self.short = n, lines, bad_first, short
+
+    def act(self, messages, tools, state: EpisodeState) -> AssistantStep:
+        i = state.step
+        if self.bad_first and i == 0:
+            return AssistantStep("try", "", [ToolCall("python", '{"code": "print(1)"', "c0"), ToolCall("pyton", {"code": "1"}, "c1")])
+        if self.n is not None and i >= self.n:
+            return AssistantStep("done", "Answer: 42", [])
+        if self.short:  # output: one line per j of 8 copies of j; a short call keeps the kept turns short
+            code = f"def p():\n    for j in range({self.lines}): print(str(j)*8)\np()" if i == 0 else "p()"
+            return AssistantStep("", "", [ToolCall("python", {"code": code}, f"c{i}")])
+        code = f"for j in range({self.lines}): print({i}, j, 'x' * 20)"
+        return AssistantStep(f"call {i}", "", [ToolCall("python", {"code": code}, f"c{i}")])
+
+
+def _task():
+    fam = get_family("arith")
+    return fam, fam.make("heldout", 0, 0)
+
+
+def test_episode_in_sandbox_enforces_max_steps_and_max_total_tokens_exactly(tiny):
+    model, tok, r = tiny
+    fam, task = _task()
+    counter = TokenCounter(tok)
+    pol = LocalModelPolicy(InferenceEngine(model, r), guide=LoopingCaller(), batched=False)
+    rec = run_episode(task, pol, PY_TOOL, Budgets(max_steps=3), family=fam, token_counter=counter)
+    m = rec["metadata"]
+    assert m["steps"] == 3 and m["tool_calls"] == 3 and m["budget_exhausted"] == "max_steps"
+    assert [x["role"] for x in rec["messages"]].count("tool") == 3
+    assert "0 0 xxxxxxxx" in rec["messages"][3]["content"]  # the real sandbox ran the call
+    assert m["reused_tokens"] > 0 and m["decode_tokens"] > 0
+    # free decoding by the random model under a tight token budget: never more generated tokens than allowed
+    free = LocalModelPolicy(InferenceEngine(model, r), sampling=SamplingConfig(max_new_tokens=64), batched=False)
+    rec = run_episode(task, free, PY_TOOL, Budgets(max_steps=4, max_total_tokens=40, max_thinking_tokens=8),
+                      family=fam, token_counter=counter)
+    m = rec["metadata"]
+    assert m["generated_tokens"] <= 40
+    assert m["steps"] <= 4 and (m["budget_exhausted"] is not None or rec["messages"][-1]["role"] == "assistant")
+    for msg in rec["messages"]:
+        if msg["role"] == "assistant":
+            assert counter.count(msg["reasoning_content"]) <= 8
+
+
+def test_malformed_tool_calls_get_error_results_and_the_loop_continues(tiny):
+    model, tok, r = tiny
+    fam, task = _task()
+    pol = LocalModelPolicy(InferenceEngine(model, r), guide=LoopingCaller(n=2, bad_first=True), batched=False)
+    rec = run_episode(task, pol, PY_TOOL, Budgets(max_steps=6), family=fam, token_counter=TokenCounter(tok))
+    m = rec["metadata"]
+    assert m["invalid_tool_calls"] == 2 and m["parse_errors"] >= 1
+    tool_msgs = [x for x in rec["messages"] if x["role"] == "tool"]
+    assert "JSON" in tool_msgs[0]["content"] or "json" in tool_msgs[0]["content"]
+    assert "pyton" in tool_msgs[1]["content"]
+    assert m["steps"] == 3 and m["budget_exhausted"] is None  # went on: one more call, then the answer
+    assert rec["messages"][-1]["content"] == "Answer: 42"
+
+
+def test_long_horizon_300_tool_calls_with_bounded_context_and_cache():
+    """K2's agentic-search setting: 300 tool calls in one episode. Context management (the loop's:
+    hide old tool outputs past the budget) keeps the tool outputs in context bounded; the KV cache
+    follows the managed context exactly (cropped where an output was hidden), so it never holds more
+    than the current prompt plus one step. Assistant turns themselves are kept by the loop's policy,
+    so the context still grows by one short call + placeholder per step; that growth is bounded too."""
+    model, tok = tiny_model_and_tokenizer(seed=1, layers=1)
+    set_experts_implementation(model, "eager")  # fastest on CPU for one row
+    r = get_renderer(tok)
+    fam, task = _task()
+    lines = 24
+    budgets = Budgets(max_steps=320, max_total_tokens=10**6, context_budget=1200, keep_last_tool_outputs=3)
+    pol = LocalModelPolicy(InferenceEngine(model, r), guide=LoopingCaller(n=300, lines=lines, short=True), batched=False)
+    counter = TokenCounter(tok)
+    rec = run_episode(task, pol, PY_TOOL, budgets, family=fam, token_counter=counter)
+    m = rec["metadata"]
+    assert m["tool_calls"] == 300 and m["steps"] == 301 and m["tool_errors"] == 0
+    assert rec["messages"][-1]["content"] == "Answer: 42"
+    assert m["context_hidden"] >= 296
+    managed = len(r.render_prompt(rec["messages"], rec["tools"]))
+    output = counter.count("".join(f"{j}{j}{j}{j}{j}{j}{j}{j}\n" for j in range(lines)))
+    unmanaged = managed + m["context_hidden"] * (output - counter.count(HIDDEN_PLACEHOLDER))
+    assert managed < unmanaged / 3, (managed, unmanaged)
+    # per step the managed context grows by at most one assistant call and one hidden result
+    per_step = (managed - len(r.render_prompt(rec["messages"][:2], rec["tools"]))) / 300
+    assert per_step < output, (per_step, output)
+    # the cache never holds hidden outputs: at most the final prompt plus one step
+    assert m["max_cache_tokens"] <= managed + 40, (m["max_cache_tokens"], managed)
+    assert m["reused_tokens"] > 5 * m["prefill_tokens"]  # the cache did most of the work
+
+
+def test_load_policy_model_dispatches_on_files(tiny, tmp_path):
+    model, tok, r = tiny
+    with pytest.raises(ValueError, match="no config.json"):
+        checkpoint_kind(tmp_path)
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    assert checkpoint_kind(tmp_path / "hf") == "hf"
+    loaded = load_policy_model(tmp_path / "hf")
+    assert loaded.kind == "hf" and len(loaded.tokenizer) == len(tok)
+    p = r.render_prompt(_conversation(1), None)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(torch.tensor([p])).logits, model(torch.tensor([p])).logits)
+    with pytest.raises(ValueError, match="dtype="):
+        load_policy_model(tmp_path / "hf", dtype="int3")
