@@ -445,7 +445,7 @@ def _host_processes(pattern: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
-def test_sandbox_dies_with_the_host_process():
+def test_sandbox_dies_with_the_host_process(tmp_path):
     """A host killed by SIGKILL mid-call must not leave its sandbox running."""
     marker = str(400 + os.getpid() % 100)
     script = textwrap.dedent(f"""
@@ -458,7 +458,9 @@ def test_sandbox_dies_with_the_host_process():
         print("started", flush=True)
         threading.Event().wait()
     """)
-    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # TMPDIR: the killed host cannot remove its work dir; keep it where pytest cleans up
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         assert host.stdout.readline().strip() == "started"
         deadline = time.monotonic() + 10
@@ -498,7 +500,7 @@ def test_unsandboxed_worker_exits_with_the_host_process(tmp_path):
                          args=("import os, time\\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\\ntime.sleep(60)",)).start()
         threading.Event().wait()
     """)
-    host = subprocess.Popen([sys.executable, "-c", script])
+    host = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         deadline = time.monotonic() + 10
         while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
