@@ -1,0 +1,95 @@
+"""`python -m sandbox_env.evaluate` end to end on CPU: three real checkpoints of one tiny model
+(BF16 HF dir, fake-quant training checkpoint, INT4 export), a held-out suite in the sandbox,
+the report's files and numbers. The shipped config is composed through Hydra, as the job does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_checkpoints(root: Path) -> dict[str, Path]:
+    """bf16 (HF dir), fq (HF dir + qat_config.json, as train/ writes), int4 (qat.export.export_int4)."""
+    from qat import QuantConfig, prepare
+    from qat.export import export_int4
+    from sandbox_env.local_policy import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    paths = {k: root / k for k in ("bf16", "fq", "int4")}
+    model.save_pretrained(paths["bf16"])
+    tok.save_pretrained(paths["bf16"])
+    cfg = QuantConfig()
+    prepare(model, cfg)
+    model.save_pretrained(paths["fq"])
+    tok.save_pretrained(paths["fq"])
+    (paths["fq"] / "qat_config.json").write_text(json.dumps(cfg.to_dict()))
+    export_int4(model, paths["int4"], tok)
+    return paths
+
+
+def _compose(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return OmegaConf.to_container(compose("evaluate", overrides=overrides), resolve=True)
+
+
+def test_evaluate_three_checkpoints_report(tmp_path):
+    from sandbox_env.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    ck = make_checkpoints(tmp_path / "ck")
+    out = tmp_path / "eval"
+    cfg = _compose([
+        f"out_dir={out}", "+eval=quick", "tasks=compute", "tasks.splits.heldout=1",
+        f"checkpoints=[{{name: bf16, path: {ck['bf16']}}}, {{name: qat_fq, path: {ck['fq']}}}, "
+        f"{{name: qat_int4, path: {ck['int4']}}}]",
+        "reference=bf16", "tools_disabled=true", "heavy.n=2", "budgets.max_steps=3", "sampling.max_new_tokens=32",
+        "engine.threads=1",
+    ])
+    report = evaluate(cfg)
+    for f in ("report.md", "report.json", "success_by_model.png", "success_by_steps.png", "kl_per_layer.png",
+              "episodes/bf16.jsonl", "episodes/qat_int4.jsonl"):
+        assert (out / f).is_file(), f
+    md = (out / "report.md").read_text()
+    for fam in ("arith", "dates", "primes", "strings"):
+        assert f"## {fam}" in md
+    assert "bf16/no-tools" in md and "Heavy mode" in md
+    models = report["models"]
+    assert {m["kind"] for m in models.values()} == {"hf", "fake_quant", "int4"}
+    n_tasks = report["tasks"]
+    assert n_tasks == 4 and all(m["overall"]["episodes"] == n_tasks for m in models.values())
+    # every model saw the same tasks with the same seeds
+    ids = {n: [json.loads(line)["task"]["id"] for line in (out / "episodes" / f"{n}.jsonl").read_text().splitlines()]
+           for n in ("bf16", "qat_fq", "qat_int4")}
+    assert ids["bf16"] == ids["qat_fq"] == ids["qat_int4"]
+    kl_fq, kl_int4 = models["qat_fq"]["kl_vs_reference"], models["qat_int4"]["kl_vs_reference"]
+    assert kl_fq["tokens"] > 0 and kl_fq["kl"] > 0  # INT4 experts do change the distribution...
+    assert len(kl_fq["kl_per_layer"]) == 2 and kl_fq["kl_per_layer"][-1] == pytest.approx(kl_fq["kl"])
+    # ...and the INT4 export is the fake-quant model (export parity), so both diverge from BF16 alike
+    assert kl_int4["kl"] == pytest.approx(kl_fq["kl"], rel=1e-3, abs=1e-7)
+    assert kl_int4["top1_agreement"] == pytest.approx(kl_fq["top1_agreement"])
+    assert models["qat_int4"]["size_bytes"] < models["bf16"]["size_bytes"]
+    assert all(m["speed"]["decode_tokens_per_s"] > 0 for m in models.values())
+    assert models["bf16"]["heavy"]["n"] == 2
+
+
+def test_evaluate_cli_rejects_missing_checkpoints(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sandbox_env.evaluate", f"out_dir={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "checkpoints must be a non-empty list" in r.stderr
+
+
+def test_every_eval_config_composes():
+    for p in sorted((ROOT / "conf" / "eval").glob("*.yaml")):
+        cfg = _compose([f"+eval={p.stem}"])
+        assert cfg["budgets"]["max_steps"] >= 1 and cfg["engine"]["max_batch_size"] >= 1
