@@ -28,6 +28,7 @@ Legend: E experts, O output channels, I input channels, G = I / group_size.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -407,19 +408,7 @@ def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = N
                 f"tensors' per-Linear pack-quantized format cannot express it; supported: families whose hub "
                 f"checkpoints keep one Linear per expert (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3)")
 
-    # High precision: every module with a 2D weight that stays dense, except embeddings (not Linear).
-    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    ignore = []
-    for name in names:
-        if name in by_name or not name.endswith(".weight") or state[name].ndim != 2:
-            continue
-        module_name = name[: -len(".weight")]
-        if module_name in embeddings:
-            continue
-        hub = layout[name]
-        ignore.append(hub[: -len(".weight")] if isinstance(hub, str) else module_name)
-    if "lm_head" not in ignore:
-        ignore.append("lm_head")
+    ignore = _ignore_list(model, names, set(by_name), {n: tuple(state[n].shape) for n in names}, layout)
 
     _clear_previous_export(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,18 +445,44 @@ def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = N
     report.files = writer.close()
     report.total_bytes, report.peak_shard_bytes = writer.total_bytes, writer.peak_pending_bytes
 
+    generation_config = getattr(model, "generation_config", None)
+    extra = [lambda: generation_config.save_pretrained(out)] if generation_config is not None else []
+    if tokenizer is not None:
+        extra.append(lambda: tokenizer.save_pretrained(out))
+    _finish(out, model, cfg, ignore, source, extra, report, start)
+    return report
+
+
+def _ignore_list(model: nn.Module, names: list[str], quantized: set[str], shapes: dict[str, tuple[int, ...]],
+                 layout: dict[str, Any]) -> list[str]:
+    """Hub names of the modules that stay high precision: every module with a 2D weight that is not
+    quantized (attention, routers, shared experts, dense MLPs, lm_head), except embeddings."""
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    ignore = []
+    for name in names:
+        if name in quantized or not name.endswith(".weight") or len(shapes[name]) != 2:
+            continue
+        module_name = name[: -len(".weight")]
+        if module_name in embeddings:
+            continue
+        hub = layout[name]
+        ignore.append(hub[: -len(".weight")] if isinstance(hub, str) else module_name)
+    if "lm_head" not in ignore:
+        ignore.append("lm_head")
+    return ignore
+
+
+def _finish(out: Path, model: nn.Module, cfg: QuantConfig, ignore: list[str], source: str, extra_writers,
+            report: "ExportReport", start: float) -> None:
+    """config.json, generation config, tokenizer, then the marker (last)."""
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config_dict(cfg, ignore)
     config[PROVENANCE_KEY] = {"format_version": FORMAT_VERSION, "marker": MARKER, "source": source,
                               "qat_config": cfg.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
+    for write in extra_writers:
+        write()
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -478,9 +493,153 @@ def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = N
     os.replace(tmp, out / MARKER)  # the marker appears whole or not at all
     report.files = sorted(manifest["files"]) + [MARKER]
     report.seconds = time.perf_counter() - start
-    log.info("export_int4: %d tensors as INT4 (%d per-expert), %.1f MB in %d files, %.1fs -> %s",
+    log.info("export: %d tensors as INT4 (%d per-expert), %.1f MB in %d files, %.1fs -> %s",
              len(report.quantized), report.num_int4_tensors, report.total_bytes / 1e6, len(report.files),
              report.seconds, out)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters are created on the meta device (no memory, no init); buffers stay real, so
+    computed non-persistent buffers (rotary inv_freq) are correct without a checkpoint entry."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The transformers model of `config` with meta parameters (names, shapes, no memory)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with parameters_on_meta(), no_init_weights():
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+@torch.no_grad()
+def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                           quant_config: QuantConfig | None = None, max_shard_size: int | str = "5GB",
+                           overwrite: bool = False, dtype: torch.dtype | None = None,
+                           source: str = "rtn_absmax") -> "ExportReport":
+    """RTN INT4 export straight from a hub-layout safetensors checkpoint, tensor by tensor.
+
+    What export_int4 writes for the same model without fake quant (bit for bit), without building
+    the model: the checkpoint already holds one tensor per expert under its hub name (transformers'
+    save_pretrained writes that layout), each is read, quantized, packed and written, so peak
+    memory is one shard. For observers without state only (absmax); use export_int4 on a prepared
+    model for QAT checkpoints with observer state. dtype: cast floating tensors (as
+    from_pretrained(dtype=...) would) before quantizing and writing; None keeps the saved dtypes.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    src, out = Path(src_dir), Path(out_dir)
+    cfg = quant_config or QuantConfig()
+    if cfg.bits != 4:
+        raise ValueError(f"export: QuantConfig.bits={cfg.bits}; the pack-quantized export writes 4-bit codes only")
+    if cfg.observer != "absmax":
+        raise ValueError(f"export_checkpoint_int4: QuantConfig.observer={cfg.observer!r}; streaming export runs "
+                         f"RTN absmax only, use export_int4(model, ...) for other observers")
+    index = src / INDEX_FILE
+    if index.exists():
+        files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    elif (src / SINGLE_FILE).exists():
+        files = [SINGLE_FILE]
+    else:
+        raise ValueError(f"export: input={str(src)!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    config = AutoConfig.from_pretrained(str(src))
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"export: input={str(src)!r} is already quantized (config.json has quantization_config)")
+    saved_dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else None
+    model = skeleton(config, dtype or saved_dtype)  # its config.json records the dtype written
+    state = model.state_dict(keep_vars=True)
+    names = list(state)
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    layout = hub_layout(model, shapes)
+    patterns = [re.compile(p) for p in cfg.targets]
+    quantized = {n for n in names if any(p.search(n) for p in patterns)}
+    if not quantized:
+        raise ValueError(f"export: QuantConfig.targets {list(cfg.targets)} matched no parameter of "
+                         f"{type(model).__name__}")
+    hub_quantized: dict[str, str] = {}
+    for n in quantized:
+        where = layout[n]
+        if isinstance(where, str):
+            if len(shapes[n]) != 2:
+                raise ValueError(f"export: {n} {list(shapes[n])} has no per-expert hub layout for model_type "
+                                 f"{config.model_type!r}; compressed-tensors' per-Linear format cannot express it")
+            hub_quantized[where] = n
+        else:
+            hub_quantized.update({s.hub_key: n for s in where})
+    for n in quantized:
+        in_features = shapes[n][-1]
+        if in_features % cfg.group_size:
+            raise ValueError(f"QuantConfig.group_size={cfg.group_size} does not divide the input dim {in_features} "
+                             f"of {n}; choose a group_size that divides it")
+    ignore = _ignore_list(model, names, quantized, shapes, layout)
+    expected = set(hub_quantized)
+    for n in names:
+        where = layout[n]
+        if n not in quantized:
+            expected.update([where] if isinstance(where, str) else [s.hub_key for s in where])
+
+    _clear_previous_export(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, parse_size(max_shard_size))
+    quantizer = _ChunkedQuantizer()
+    report = ExportReport(out_dir=str(out), source=source)
+    seen = set()
+    for fname in files:
+        with safe_open(str(src / fname), framework="pt") as f:
+            for key in f.keys():
+                if key not in expected:
+                    if ".weight_fake_quant." in key:
+                        continue  # observer state of a training checkpoint
+                    raise ValueError(f"export: {fname} holds {key}, which {type(model).__name__} does not have; "
+                                     f"is input={str(src)!r} a checkpoint of this config?")
+                seen.add(key)
+                tensor = f.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                if key in hub_quantized:
+                    packed, scale = quantizer._quantize(tensor, cfg, None)
+                    base = key[: -len(".weight")]
+                    writer.add(f"{base}.weight_packed", packed.view(torch.int32))
+                    writer.add(f"{base}.weight_scale", scale)
+                    writer.add(f"{base}.weight_shape", torch.tensor(list(tensor.shape), dtype=torch.int64))
+                    report.num_int4_tensors += 1
+                else:
+                    writer.add(key, tensor)
+    missing = sorted(expected - seen)
+    tied = {layout[n] for n in names if isinstance(layout[n], str)} & set(missing)
+    if missing and not (getattr(config, "tie_word_embeddings", False) and set(missing) <= tied):
+        raise ValueError(f"export: input={str(src)!r} lacks {len(missing)} tensors of {type(model).__name__}: "
+                         f"{missing[:5]}")
+    report.quantized = sorted(quantized)
+    report.files = writer.close()
+    report.total_bytes, report.peak_shard_bytes = writer.total_bytes, writer.peak_pending_bytes
+
+    def copy_side_files():
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            if (src / name).exists():
+                shutil.copyfile(src / name, out / name)
+
+    _finish(out, model, cfg, ignore, report.source, [copy_side_files], report, start)
     return report
 
 
@@ -571,11 +730,27 @@ def export_from_checkpoint(cfg: Any) -> ExportReport:
     dtype_name = cfg.get("dtype")
     if dtype_name not in dtypes:
         raise ValueError(f"export: dtype={dtype_name!r}; choose one of {[k for k in dtypes if k]} or null (as saved)")
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtypes[dtype_name])
-    quant_config = None
+    dtype = dtypes[dtype_name]
     qat_file = src / QAT_CONFIG_FILE
-    if qat_file.exists():
-        prepare(model, QuantConfig.from_dict(json.loads(qat_file.read_text())))
+    qat_checkpoint = qat_file.exists()
+    if qat_checkpoint:
+        quant_config = QuantConfig.from_dict(json.loads(qat_file.read_text()))
+    else:
+        quant_config = quant_config_from(cfg.get("qat") or {})
+    common = dict(max_shard_size=cfg.get("max_shard_size") or "5GB", overwrite=bool(cfg.get("overwrite")))
+    stream = cfg.get("stream", True)
+    if stream not in (True, False):
+        raise ValueError(f"export: stream={stream!r}; true or false")
+    if stream and quant_config.observer == "absmax":
+        # Absmax has no observer state: the codes follow from the saved weights alone, so the
+        # checkpoint is quantized tensor by tensor without building the model.
+        log.info("export: streaming %s (%s)", src, "QAT checkpoint" if qat_checkpoint else "round-to-nearest INT4")
+        return export_checkpoint_int4(src, dst, quant_config=quant_config,
+                                      dtype=None if dtype == "auto" else dtype,
+                                      source="fake_quant" if qat_checkpoint else "rtn_absmax", **common)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
+    if qat_checkpoint:
+        prepare(model, quant_config)
         observers = _observer_state(src)
         if observers:
             result = model.load_state_dict(observers, strict=False)
@@ -583,14 +758,13 @@ def export_from_checkpoint(cfg: Any) -> ExportReport:
                 raise ValueError(f"export: observer state in {src} does not fit the prepared model: "
                                  f"{result.unexpected_keys[:5]}")
         log.info("export: QAT checkpoint (%s), %d observer tensors restored", qat_file, len(observers))
+        quant_config = None
     else:
-        quant_config = quant_config_from(cfg.get("qat") or {})
         log.info("export: no %s in %s: round-to-nearest INT4 with %s", QAT_CONFIG_FILE, src, quant_config)
     tokenizer = None
     if any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(str(src))
-    return export_int4(model, str(dst), tokenizer, quant_config=quant_config,
-                       max_shard_size=cfg.get("max_shard_size") or "5GB", overwrite=bool(cfg.get("overwrite")))
+    return export_int4(model, str(dst), tokenizer, quant_config=quant_config, **common)
 
 
 def main() -> None:  # pragma: no cover - exercised by the integration test through a subprocess

@@ -19,17 +19,16 @@ Kimi-K2-Thinking), is read back without per-family code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .export import INDEX_FILE, PROVENANCE_KEY, SINGLE_FILE, RowSlice, hub_layout, verify_export
+from .export import INDEX_FILE, PROVENANCE_KEY, SINGLE_FILE, RowSlice, hub_layout, skeleton, verify_export
 from .int4 import Int4Linear, Int4Weight, dequantize_int4, register_experts_implementation
 
 log = logging.getLogger(__name__)
@@ -117,24 +116,6 @@ class _Checkpoint:
         self._handles.clear()
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Parameters are created on the meta device (no memory, no init); buffers stay real, so
-    computed non-persistent buffers (rotary inv_freq) are correct without a checkpoint entry."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register_parameter
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -149,8 +130,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _load(path: str | os.PathLike, *, dtype: torch.dtype | None, device: str | torch.device, backend: str,
           verify: str, dequantize: bool) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
+    from transformers import AutoConfig, GenerationConfig
 
     where = "load_int4" if not dequantize else "restore_bf16"
     d = Path(path)
@@ -171,8 +151,7 @@ def _load(path: str | os.PathLike, *, dtype: torch.dtype | None, device: str | t
         dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
     device = torch.device(device)
 
-    with _parameters_on_meta(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = skeleton(config, dtype)
     if device.type != "cpu":  # the real buffers; parameters are still meta and are placed as they load
         for module in model.modules():
             for key, buf in module._buffers.items():

@@ -233,3 +233,33 @@ def test_chunked_quantizer_is_fq_quantize_bit_for_bit(observer, grid, dtype, mon
         assert [(c[0], c[1]) for c in chunks] == [(0, 3), (3, 6), (6, 7)]
     assert torch.equal(torch.cat([c[2] for c in chunks]), pack_int4(codes))
     assert torch.equal(torch.cat([c[3] for c in chunks]), scale)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_streaming_export_equals_model_export(family, tmp_path):
+    from qat.export import export_checkpoint_int4
+
+    model = tiny(family)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="300KB")  # sharded hub-layout input
+    streamed = export_checkpoint_int4(tmp_path / "ckpt", tmp_path / "s", max_shard_size="500KB")
+    direct = export_int4(model, tmp_path / "m", max_shard_size="500KB")
+    a, b = read_all(tmp_path / "s"), read_all(tmp_path / "m")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert streamed.num_int4_tensors == direct.num_int4_tensors and verify_export(tmp_path / "s")
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("s", "m"))
+    assert ca["quantization_config"] == cb["quantization_config"] and ca["dtype"] == cb["dtype"]
+    assert ca["architectures"] == cb["architectures"]
+
+
+def test_streaming_export_errors(tmp_path):
+    from qat.export import export_checkpoint_int4
+
+    model = tiny()
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="observer='mse'"):
+        export_checkpoint_int4(tmp_path / "ckpt", tmp_path / "a", quant_config=QuantConfig(observer="mse"))
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1  # the checkpoint holds a layer this config does not have
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not have"):
+        export_checkpoint_int4(tmp_path / "ckpt", tmp_path / "b")
