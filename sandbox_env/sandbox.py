@@ -249,6 +249,9 @@ def _static_bwrap_args(python: str, tmpfs_bytes: int, root_mode: bool) -> tuple[
             args += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             args += ["--ro-bind", d, d]
+    # bwrap would create /etc with mode 0700 (owned by root): the sandbox user could not read the
+    # linker cache, the time zone or /etc/alternatives (awk, editor, ... are links through it).
+    args += ["--perms", "0755", "--dir", "/etc"]
     for f in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives"):
         args += ["--ro-bind-try", f"/etc/{f}", f"/etc/{f}"]
     made: set[str] = set()

@@ -74,6 +74,13 @@ def test_shell_sees_files_written_by_python(sb):
     assert r.output == "out\nerr\n"
 
 
+def test_system_tools_run_for_the_sandbox_user(sb):
+    # awk is a link through /etc/alternatives: /etc must be traversable by the unprivileged user.
+    r = sb.run_shell("printf 'a,1\\nb,2\\n' | awk -F, '{s += $2} END {print s}'; sort --version | head -1")
+    assert r.ok, r.output
+    assert r.output.splitlines()[0] == "3"
+
+
 def test_write_and_read_files_from_host(sb):
     where = sb.write_file("task/data.csv", "a,b\n1,2\n")
     assert where == f"{sb.path_in_sandbox}/task/data.csv"
