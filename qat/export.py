@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .fake_quant import ExpertWeightFakeQuant, get_config, iter_quantized
-from .int4 import pack_int4, pack_nibbles
+from .int4 import pack_int4
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,12 @@ class _ChunkedQuantizer:
             b = self._bufs[key] = torch.empty(n, dtype=dtype, device=device)
         return b[:n].view(shape)
 
+    # v + ROUND_MAGIC, in float32, lands in [2^23, 2^24) where the spacing is 1: the addition itself
+    # rounds v half-to-even (ROUND_MAGIC is even), and the low byte of the float's bit pattern is
+    # 8 + round(v) (the pattern of 1.5 * 2^23 ends in 0x00). One add replaces round, the +8 offset
+    # and the float -> int conversion.
+    ROUND_MAGIC = 1.5 * 2**23 + 8
+
     def _quantize(self, w: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | None):
         gs, shape = cfg.group_size, tuple(w.shape)
         x = self._buf("x", shape, torch.float32, w.device)
@@ -222,13 +229,18 @@ class _ChunkedQuantizer:
         s = scale.float()
         s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero group: codes 0
         x.unflatten(-1, (-1, gs)).div_(s.unsqueeze(-1))
-        x.round_().clamp_(cfg.qmin, cfg.qmax)
-        u = self._buf("u", shape, torch.int8, w.device)
-        u.copy_(x)
-        u.add_(8)
-        packed = pack_nibbles(u.view(torch.uint8), torch.empty((*shape[:-1], shape[-1] // 2), dtype=torch.uint8,
-                                                                device=w.device))
-        return packed, scale
+        # clamp before rounding: the bounds are integers, so clamp(round(v)) == round(clamp(v))
+        x.clamp_(cfg.qmin, cfg.qmax)
+        if sys.byteorder != "little":  # pragma: no cover
+            return pack_int4(x.round_().to(torch.int8)), scale
+        x.add_(self.ROUND_MAGIC)
+        u = self._buf("u", shape, torch.uint8, w.device)
+        u.copy_(x.view(torch.int32))  # integer narrowing keeps the low byte: 8 + q, a nibble
+        # Byte k of the packed row = nibble 2k | nibble 2k+1 << 4: viewing the nibbles as int16
+        # pairs (little-endian: even channel in the low byte), p | p >> 4 has exactly that low byte.
+        p = u.view(torch.int16)
+        packed = torch.bitwise_right_shift(p, 4).bitwise_or_(p).to(torch.uint8)
+        return packed.view(torch.int32), scale
 
     def chunks(self, t: "_Target"):
         """Yields (e0, e1, packed int32 [e1-e0, O, I/8], scale [e1-e0, O, G]) for a 3D tensor, or
@@ -273,7 +285,14 @@ class _ShardWriter:
     """Collects tensors into a shard until max_bytes, then writes it; names it -of-N at the end."""
 
     def __init__(self, out_dir: Path, max_bytes: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.out_dir, self.max_bytes = out_dir, max_bytes
+        # Each written shard is hashed on a second thread (hashlib releases the GIL) while the
+        # next one is quantized, so the marker's checksums cost no extra pass at the end.
+        self._hasher = ThreadPoolExecutor(max_workers=1)
+        self._hashes: dict[str, Any] = {}
+        self.hashes: dict[str, str] = {}
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.files: list[tuple[str, list[str]]] = []
@@ -298,6 +317,7 @@ class _ShardWriter:
             return
         tmp = f"shard-{len(self.files):05d}.safetensors.tmp"
         save_file(self.pending, str(self.out_dir / tmp), metadata={"format": "pt"})
+        self._hashes[tmp] = self._hasher.submit(sha256_file, self.out_dir / tmp)
         self.files.append((tmp, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -307,8 +327,10 @@ class _ShardWriter:
         names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map = {}
         for (tmp, keys), final in zip(self.files, names):
+            self.hashes[final] = self._hashes.pop(tmp).result()  # before the rename: it reads the file
             os.replace(self.out_dir / tmp, self.out_dir / final)
             weight_map.update({k: final for k in keys})
+        self._hasher.shutdown()
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -449,7 +471,7 @@ def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = N
     extra = [lambda: generation_config.save_pretrained(out)] if generation_config is not None else []
     if tokenizer is not None:
         extra.append(lambda: tokenizer.save_pretrained(out))
-    _finish(out, model, cfg, ignore, source, extra, report, start)
+    _finish(out, model, cfg, ignore, source, extra, report, start, writer.hashes)
     return report
 
 
@@ -473,7 +495,7 @@ def _ignore_list(model: nn.Module, names: list[str], quantized: set[str], shapes
 
 
 def _finish(out: Path, model: nn.Module, cfg: QuantConfig, ignore: list[str], source: str, extra_writers,
-            report: "ExportReport", start: float) -> None:
+            report: "ExportReport", start: float, known_hashes: dict[str, str]) -> None:
     """config.json, generation config, tokenizer, then the marker (last)."""
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["architectures"] = [type(model).__name__]
@@ -486,7 +508,9 @@ def _finish(out: Path, model: nn.Module, cfg: QuantConfig, ignore: list[str], so
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size,
+                                            "sha256": known_hashes.get(str(p.relative_to(out))) or sha256_file(p)}
+                  for p in files},
     }
     tmp = out / (MARKER + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -639,7 +663,7 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
             if (src / name).exists():
                 shutil.copyfile(src / name, out / name)
 
-    _finish(out, model, cfg, ignore, report.source, [copy_side_files], report, start)
+    _finish(out, model, cfg, ignore, report.source, [copy_side_files], report, start, writer.hashes)
     return report
 
 
