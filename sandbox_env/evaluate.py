@@ -15,7 +15,12 @@ numbers), episodes/<model>.jsonl (every trajectory), success_by_model.png,
 success_by_steps.png, kl_per_layer.png.
 
     python -m sandbox_env.evaluate out_dir=outputs/eval \
-        'checkpoints=[{name: bf16, path: runs/ckpt/step_000100}, {name: qat_int4, path: runs/int4}]'
+        'checkpoints=[{name: bf16, path: runs/bf16}, {name: qat_int4, path: runs/int4},
+                      {name: ptq_rtn, path: runs/bf16, ptq: rtn}]'
+
+A checkpoint entry with `ptq: <qat.ptq method>` is a post-training-quantization baseline of a
+dense checkpoint (quantize -> dequantize of the routed experts, in memory); its size on disk is
+that of its dense source.
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ def _checkpoints(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     if ref is not None and ref not in names:
         raise ValueError(f"reference={ref!r} is not one of the checkpoint names {sorted(names)}")
     return [dict(c) for c in cks]
+
+
+def load_checkpoint(ck: dict[str, Any], cfg: dict[str, Any]):
+    from sandbox_env.local_policy import load_policy_model
+
+    return load_policy_model(ck["path"], dtype=ck.get("dtype", cfg["engine"].get("dtype")),
+                             device=cfg["engine"].get("device", "cpu"), tokenizer_path=ck.get("tokenizer"),
+                             ptq=ck.get("ptq"))
 
 
 def build_tasks(cfg: dict[str, Any], cache_dir: Path) -> tuple[list[tuple[str, Any, Any]], str | None]:
@@ -154,7 +167,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     """The whole job for a plain-dict config (the Hydra config, resolved). -> report dict."""
     from data.schema import read_trajectories, write_jsonl
     from sandbox_env import SandboxConfig
-    from sandbox_env.local_policy import checkpoint_bytes, load_policy_model
+    from sandbox_env.local_policy import checkpoint_bytes
     from sandbox_env.metrics import (FAMILY_COLUMNS, family_rows, group_by_family, markdown_table,
                                      plot_kl_per_layer, plot_success_by_model, plot_success_by_steps,
                                      summarize_episodes, teacher_forced_divergence)
@@ -179,8 +192,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     all_records: dict[str, list[dict[str, Any]]] = {}
     for ck in cks:
         name = ck["name"]
-        loaded = load_policy_model(ck["path"], dtype=ck.get("dtype", cfg["engine"].get("dtype")),
-                                   device=cfg["engine"].get("device", "cpu"), tokenizer_path=ck.get("tokenizer"))
+        loaded = load_checkpoint(ck, cfg)
         log.info("%s: %s checkpoint %s", name, loaded.kind, ck["path"])
         records, speed = run_model(name, loaded, tasks, env, budgets, cfg)
         all_records[name] = records
@@ -210,7 +222,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
             source = f"episodes of {ref_name}"
         trajs = trajs[: kcfg.get("max_records") or None]
         by_name = {c["name"]: c for c in cks}
-        ref = load_policy_model(by_name[ref_name]["path"], dtype=by_name[ref_name].get("dtype", cfg["engine"].get("dtype")))
+        ref = load_checkpoint(by_name[ref_name], cfg)
         from data.render import get_renderer
 
         renderer = get_renderer(ref.tokenizer)
@@ -218,7 +230,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
         for c in cks:
             if c["name"] == ref_name:
                 continue
-            q = load_policy_model(c["path"], dtype=c.get("dtype", cfg["engine"].get("dtype")))
+            q = load_checkpoint(c, cfg)
             d = teacher_forced_divergence(q.model, ref.model, renderer, trajs, max_len=kcfg.get("max_len", 2048),
                                           per_layer=kcfg.get("per_layer", True))
             report["models"][c["name"]]["kl_vs_reference"] = d

@@ -76,14 +76,16 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
-                      tokenizer_path: str | Path | None = None) -> LoadedModel:
+                      tokenizer_path: str | Path | None = None, ptq: str | None = None) -> LoadedModel:
     """Load any checkpoint the project makes as an evaluation model.
 
     - "hf": `AutoModelForCausalLM.from_pretrained`.
     - "fake_quant": the same, then `qat.prepare` with the saved QuantConfig and the saved observer
       state, so the evaluated model is exactly the fake-quant model training optimised.
     - "int4": `qat.load.load_int4` (packed INT4 experts, int4 kernels).
-    `dtype`: "float32" | "bfloat16" | "float16" | None (as saved)."""
+    `dtype`: "float32" | "bfloat16" | "float16" | None (as saved). `ptq`: a `qat.ptq` method
+    ("rtn", "rtn_mse", "nf4_b32", ...) applied in memory to the routed experts of an "hf"
+    checkpoint: the post-training-quantization baselines of the comparison (kind "ptq:<method>")."""
     from transformers import AutoModelForCausalLM
 
     from data.tokenizer import load_tokenizer
@@ -112,6 +114,16 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
                 if result.unexpected_keys:
                     raise ValueError(f"checkpoint {str(p)!r}: observer state does not fit the prepared model: "
                                      f"{result.unexpected_keys[:5]}")
+    if ptq:
+        if kind != "hf":
+            raise ValueError(f"ptq={ptq!r} applies to a dense HF checkpoint, but {str(p)!r} is a {kind} checkpoint; "
+                             "point path at the BF16 model the baseline quantizes")
+        from qat.ptq import METHODS, apply_ptq
+
+        if ptq not in METHODS:
+            raise ValueError(f"ptq={ptq!r} is not a qat.ptq method; choose one of {list(METHODS)}")
+        apply_ptq(model, ptq)
+        kind = f"ptq:{ptq}"
     model.eval()
     tok_dir = Path(tokenizer_path) if tokenizer_path else p
     if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -178,6 +190,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     force_ids: list[int] = field(default_factory=list)  # emitted first, as if sampled (guided decoding)
+    min_new_tokens: int = 0  # stop tokens are masked until this many tokens are generated (benchmarks)
 
 
 @dataclass
@@ -414,6 +427,9 @@ class InferenceEngine:
             row.forced_close = 1
             return self.think_close_id  # the think block ran over its budget: close it, the model goes on
         logits = row.logits
+        if len(row.generated) < req.min_new_tokens:
+            logits = logits.clone()
+            logits[list(self.stop_ids)] = float("-inf")
         if req.temperature <= 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / req.temperature, dim=-1)

@@ -52,7 +52,7 @@ def test_evaluate_three_checkpoints_report(tmp_path):
     cfg = _compose([
         f"out_dir={out}", "+eval=quick", "tasks=compute", "tasks.splits.heldout=1",
         f"checkpoints=[{{name: bf16, path: {ck['bf16']}}}, {{name: qat_fq, path: {ck['fq']}}}, "
-        f"{{name: qat_int4, path: {ck['int4']}}}]",
+        f"{{name: qat_int4, path: {ck['int4']}}}, {{name: ptq_rtn, path: {ck['bf16']}, ptq: rtn}}]",
         "reference=bf16", "tools_disabled=true", "heavy.n=2", "budgets.max_steps=3", "sampling.max_new_tokens=32",
         "engine.threads=1",
     ])
@@ -65,7 +65,7 @@ def test_evaluate_three_checkpoints_report(tmp_path):
         assert f"## {fam}" in md
     assert "bf16/no-tools" in md and "Heavy mode" in md
     models = report["models"]
-    assert {m["kind"] for m in models.values()} == {"hf", "fake_quant", "int4"}
+    assert {m["kind"] for m in models.values()} == {"hf", "fake_quant", "int4", "ptq:rtn"}
     n_tasks = report["tasks"]
     assert n_tasks == 4 and all(m["overall"]["episodes"] == n_tasks for m in models.values())
     # every model saw the same tasks with the same seeds
@@ -78,6 +78,8 @@ def test_evaluate_three_checkpoints_report(tmp_path):
     # ...and the INT4 export is the fake-quant model (export parity), so both diverge from BF16 alike
     assert kl_int4["kl"] == pytest.approx(kl_fq["kl"], rel=1e-3, abs=1e-7)
     assert kl_int4["top1_agreement"] == pytest.approx(kl_fq["top1_agreement"])
+    # the model was never trained, so QAT's fake quant is plain round-to-nearest: the RTN baseline matches it
+    assert models["ptq_rtn"]["kl_vs_reference"]["kl"] == pytest.approx(kl_fq["kl"], rel=1e-5, abs=1e-9)
     assert models["qat_int4"]["size_bytes"] < models["bf16"]["size_bytes"]
     assert all(m["speed"]["decode_tokens_per_s"] > 0 for m in models.values())
     assert models["bf16"]["heavy"]["n"] == 2

@@ -1,0 +1,72 @@
+"""Evaluation numbers: Wilson intervals, per-family summaries, teacher-forced KL, config errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from data.render import get_renderer
+from data.testing import make_records
+from sandbox_env.evaluate import _checkpoints
+from sandbox_env.local_policy import tiny_model_and_tokenizer
+from sandbox_env.metrics import (family_rows, markdown_table, summarize_episodes, teacher_forced_divergence,
+                                 wilson_interval)
+
+torch.set_num_threads(1)
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)  # the rule of three's honest cousin
+    lo, hi = wilson_interval(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+
+
+def _rec(correct, steps, calls, invalid, exhausted=None, fam="arith"):
+    return {"verdict": {"correct": correct}, "task": {"family": fam, "id": "x"},
+            "metadata": {"steps": steps, "tool_calls": calls, "invalid_tool_calls": invalid, "budget_exhausted": exhausted,
+                         "generated_tokens": 10 * steps, "context_hidden": 0, "family_tag": fam}}
+
+
+def test_summaries_and_table():
+    recs = [_rec(True, 2, 1, 0), _rec(False, 4, 3, 1, "max_steps"), _rec(True, 3, 2, 0), _rec(False, 1, 0, 0)]
+    s = summarize_episodes(recs)
+    assert s["episodes"] == 4 and s["correct"] == 2 and s["success"] == 0.5
+    assert s["avg_steps"] == 2.5 and s["avg_tool_calls"] == 1.5 and s["avg_invalid_tool_calls"] == 0.25
+    assert s["budget_exhausted"] == 0.25 and s["avg_generated_tokens"] == 25.0
+    assert (s["ci_low"], s["ci_high"]) == tuple(round(x, 4) for x in wilson_interval(2, 4))
+    md = markdown_table(["model", "episodes", "success", "95% CI", "a", "b", "c", "d", "e", "f"], family_rows({"m": s}))
+    assert md.splitlines()[2].startswith("| m | 4 | 0.5 | [0.15, 0.85] |")
+
+
+def test_teacher_forced_divergence_is_zero_against_itself_and_positive_against_another_model():
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    other, _ = tiny_model_and_tokenizer(seed=1)
+    r = get_renderer(tok)
+    recs = make_records(3)
+    same = teacher_forced_divergence(model, copy.deepcopy(model), r, recs, max_len=512)
+    assert same["tokens"] > 50
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert same["nll"] == pytest.approx(same["nll_reference"])
+    assert len(same["kl_per_layer"]) == model.config.num_hidden_layers
+    diff = teacher_forced_divergence(other, model, r, recs, max_len=512)
+    assert diff["kl"] > 0.01 and diff["top1_agreement"] < 1.0 and diff["tokens"] == same["tokens"]
+    assert diff["kl_per_layer"][-1] == pytest.approx(diff["kl"], rel=1e-5)
+    with pytest.raises(ValueError, match="no assistant tokens"):
+        teacher_forced_divergence(model, other, r, [{"messages": [{"role": "user", "content": "hi"}]}])
+
+
+def test_checkpoint_list_errors_name_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="checkpoints must be a non-empty list"):
+        _checkpoints({"checkpoints": []})
+    with pytest.raises(ValueError, match=r"checkpoints\[0\].path"):
+        _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path / "missing")}]})
+    with pytest.raises(ValueError, match="used twice"):
+        _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path)}, {"name": "a", "path": str(tmp_path)}]})
+    with pytest.raises(ValueError, match="reference='b'"):
+        _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path)}], "reference": "b"})
