@@ -256,7 +256,11 @@ class TrainRecipe:
             log.warning("router_aux_loss_coef=%s ignored: %s has no load-balancing loss", cfg.router_aux_loss_coef,
                         type(model).__name__)
         if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers v5 renamed it (the old name warns); non-reentrant works with ZeRO-3 and frozen inputs.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.qat_cfg = None
         if cfg.qat.enabled:
             self.qat_cfg = qat.quant_config_from(OmegaConf.to_container(cfg.qat, resolve=True))

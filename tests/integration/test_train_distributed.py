@@ -91,3 +91,25 @@ def test_two_processes_match_one(traj, single, tmp_path, launch_config, mode):
     worst = max(float((w_ref[k] - w_got[k]).abs().max()) for k in w_ref)
     assert worst < WEIGHT_TOL, worst
     assert not any(torch.equal(w_ref[k], torch.zeros_like(w_ref[k])) for k in w_ref if "experts" in k)
+
+
+def test_multinode_launcher_two_nodes_on_localhost(traj, single, tmp_path):
+    """scripts/launch_multinode.sh as two 'nodes' of one process each on this host (ZeRO-3 config,
+    static rendezvous): the ranks meet, share one run dir, and train what one process trains."""
+    args = [a for a in _args(traj, tmp_path) if not a.startswith("output_dir=")]
+    port = str(29700 + os.getpid() % 200)
+    env = {**ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GPUS_PER_NODE": "1",
+           "RUN_DIR": str(tmp_path), "PYTHON": sys.executable}
+    cmd = ["bash", "scripts/launch_multinode.sh", *args]
+    node1 = subprocess.Popen(cmd, cwd=ROOT, env={**env, "NODE_RANK": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env={**env, "NODE_RANK": "0"}, capture_output=True, text=True, timeout=600)
+        out1, _ = node1.communicate(timeout=120)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert r.returncode == 0 and node1.returncode == 0, (r.stdout + r.stderr)[-3000:] + out1[-2000:]
+    assert "node 1/2" in out1 and "2 process(es), DeepSpeed ZeRO-3" in r.stdout + r.stderr
+    ref, got = _rows(single), _rows(tmp_path)
+    assert [abs(a["loss"] - b["loss"]) < LOSS_TOL for a, b in zip(ref, got)] == [True] * 6
