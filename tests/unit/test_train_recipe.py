@@ -107,7 +107,7 @@ def test_activation_checkpointing_gives_the_same_losses(traj, tmp_path):
     _, plain = _run(traj, tmp_path / "a", "max_steps=3", "checkpoint.every=0", "eval.every=0")
     recipe, ckpt = _run(traj, tmp_path / "b", "max_steps=3", "checkpoint.every=0", "eval.every=0",
                         "activation_checkpointing=true")
-    assert recipe._unwrapped().is_gradient_checkpointing  # on, not silently ignored
+    assert recipe._unwrapped().is_activation_checkpointing  # on, not silently ignored
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], abs=1e-6)
 
 
