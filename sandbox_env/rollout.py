@@ -52,6 +52,8 @@ SYSTEM_PROMPT = (
     "computation you can check with a tool. When you are done, reply without tool calls and end your "
     "reply with one line of the form `Answer: <value>`."
 )
+# With compact tool declarations (ToolEnv(compact=True)): the same instructions in few tokens.
+COMPACT_SYSTEM_PROMPT = "Solve the task with the tools; check, never guess. End with a line `Answer: <value>`."
 
 
 @dataclass
@@ -138,7 +140,8 @@ class ToolEnv:
     FTS5) for the search/open tools; opened lazily, once per process (SQLite connections must
     not cross a fork)."""
 
-    def __init__(self, sandbox_config: Any = None, index_path: str | None = None, tools: tuple[str, ...] = DEFAULT_TOOLS):
+    def __init__(self, sandbox_config: Any = None, index_path: str | None = None, tools: tuple[str, ...] = DEFAULT_TOOLS,
+                 compact: bool = False):
         tools = tuple(tools)
         unknown = set(tools) - set(DEFAULT_TOOLS)
         if unknown:
@@ -148,6 +151,8 @@ class ToolEnv:
         self.sandbox_config = sandbox_config
         self.index_path = index_path
         self.tools = tools
+        self.compact = bool(compact)
+        self.system_prompt = COMPACT_SYSTEM_PROMPT if compact else SYSTEM_PROMPT
         self._index = None
 
     @contextmanager
@@ -157,7 +162,7 @@ class ToolEnv:
         if self.index_path is not None and self._index is None:
             self._index = SearchIndex(self.index_path)
         with Sandbox(self.sandbox_config or SandboxConfig()) as sb:
-            yield sb, ToolBox(sandbox=sb, index=self._index, tools=self.tools)
+            yield sb, ToolBox(sandbox=sb, index=self._index, tools=self.tools, compact=self.compact)
 
 
 def call_problem(name: str, arguments: Any, tools: list[dict[str, Any]]) -> str | None:
@@ -206,7 +211,7 @@ def run_episode(
     family: Any = None,
     seed: int = 0,
     token_counter: TokenCounter | None = None,
-    system_prompt: str = SYSTEM_PROMPT,
+    system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """Run one episode of `task` with `policy` in a fresh session of `env`; -> trajectory record."""
     from sandbox_env.tasks import get_family
@@ -220,7 +225,8 @@ def run_episode(
     with env.session() as (sandbox, toolbox):
         family.setup(task, sandbox)
         tools = toolbox.schemas()
-        messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": task.prompt}]
+        system = system_prompt if system_prompt is not None else getattr(env, "system_prompt", SYSTEM_PROMPT)
+        messages: list[dict[str, Any]] = [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}]
         state = EpisodeState(task=task, family=family, seed=seed, max_thinking_tokens=budgets.max_thinking_tokens)
         final: str | None = None
         while True:

@@ -79,6 +79,24 @@ _SPECS: dict[str, dict] = {
     },
 }
 
+# Compact declarations: same names, parameters and types, one short line each. A tiny model pays
+# for every token of the tool declarations in every sample (the full ones are ~450 tokens with the
+# tiny tokenizer, most of a short trajectory); a large model reads the full ones.
+_COMPACT_DESCRIPTIONS = {
+    "python": "Run Python code in a persistent sandbox.",
+    "shell": "Run a shell command in the work dir.",
+    "search": "Search the documents; returns doc_id, title, snippet.",
+    "open": "Read a document by doc_id.",
+}
+
+
+def _compact_spec(name: str) -> dict:
+    params = _SPECS[name]["parameters"]
+    props = {p: {"type": spec["type"]} for p, spec in params["properties"].items()}
+    return {"description": _COMPACT_DESCRIPTIONS[name],
+            "parameters": {"type": "object", "properties": props, "required": list(params["required"])}}
+
+
 _JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
                "object": (dict,), "array": (list,)}
 
@@ -103,7 +121,7 @@ class ToolBox:
     """The tools of one episode, bound to its sandbox session and its search index."""
 
     def __init__(self, sandbox=None, index=None, tools: tuple[str, ...] | list[str] = TOOL_NAMES,
-                 open_page_chars: int = 2000, search_k: int = 5):
+                 open_page_chars: int = 2000, search_k: int = 5, compact: bool = False):
         tools = tuple(tools)
         unknown = [t for t in tools if t not in _SPECS]
         if unknown:
@@ -120,10 +138,13 @@ class ToolBox:
             raise ValueError(f"ToolBox(search_k={search_k!r}) must be an int in [1, {MAX_SEARCH_K}]")
         self.sandbox, self.index, self.tools = sandbox, index, tools
         self.open_page_chars, self.search_k = open_page_chars, search_k
+        self.compact = bool(compact)
 
     def schemas(self) -> list[dict]:
-        """The tools in OpenAI chat-completions format (a fresh copy each call)."""
-        return [{"type": "function", "function": {"name": name, **json.loads(json.dumps(_SPECS[name]))}}
+        """The tools in OpenAI chat-completions format (a fresh copy each call); `compact` gives one-line
+        descriptions and bare parameter types (the calls they accept are the same)."""
+        return [{"type": "function", "function": {"name": name, **(
+            _compact_spec(name) if self.compact else json.loads(json.dumps(_SPECS[name])))}}
                 for name in self.tools]
 
     def call(self, name: str, arguments: str | dict | None) -> ToolResult:

@@ -158,3 +158,16 @@ def test_internal_failures_do_not_raise(index, tmp_path):
     broken.close()  # the index goes away under the toolbox
     r = tb.call("search", {"query": "Orvane"})
     assert not r.ok and "failed internally" in r.content
+
+
+def test_compact_declarations_keep_names_parameters_and_types():
+    full = ToolBox(sandbox=None, index=None, tools=()).schemas()
+    assert full == []
+    from sandbox_env.tools import _SPECS, TOOL_NAMES, _compact_spec
+    for name in TOOL_NAMES:
+        c = _compact_spec(name)
+        f = _SPECS[name]["parameters"]
+        assert set(c["parameters"]["properties"]) == set(f["properties"])
+        assert c["parameters"]["required"] == f["required"]
+        assert all(c["parameters"]["properties"][p]["type"] == f["properties"][p]["type"] for p in f["properties"])
+        assert len(json.dumps(c)) < len(json.dumps(_SPECS[name])) / 2
