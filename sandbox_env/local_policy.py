@@ -332,19 +332,18 @@ class InferenceEngine:
 
     # -- mechanics ------------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, ids_BT: torch.Tensor, layers, mask_BS: torch.Tensor | None, pos_BT: torch.Tensor):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+    def _forward(self, ids_BT: torch.Tensor, cache: Any, mask_BS: torch.Tensor | None, pos_BT: torch.Tensor):
+        """One forward that appends to `cache` (a DynamicCache, or per-layer (k, v) tensors / None
+        to start one); -> (last-position logits [B, V] float32, the cache)."""
+        if not hasattr(cache, "layers"):
+            cache = _make_cache(cache)
         t0 = time.perf_counter()
         out = self.model(input_ids=ids_BT.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
                          attention_mask=None if mask_BS is None else mask_BS.to(self.device),
                          position_ids=pos_BT.to(self.device))
         self.stats["forward_s"] += time.perf_counter() - t0
         self.stats["forwards"] += 1
-        cache = getattr(out, "cache", None) or out.past_key_values
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return out.logits[:, -1, :].float(), kv
+        return out.logits[:, -1, :].float(), cache
 
     def _admit(self, row: _Row) -> bool:
         """Prefill one request (alone: prompts differ in length, and a prefill is one forward
@@ -367,20 +366,20 @@ class InferenceEngine:
             n_force = len(row.force)
             feed = prompt[covered:] + row.force
             pos = torch.arange(covered, covered + len(feed)).unsqueeze(0)
-            logits, kv = self._forward(torch.tensor([feed]), layers, None, pos)
+            logits, cache = self._forward(torch.tensor([feed]), layers, None, pos)
             row.prefill_tokens = len(prompt) - covered
             row.reused_tokens = covered
             self.stats["prefill_tokens"] += row.prefill_tokens
             self.stats["reused_tokens"] += covered
             row.fed = prompt + row.force
             row.length = len(row.fed)
-            row.kv = kv
+            row.cache = cache
             row.logits = logits[0]
             for t in row.force:
                 self._account(row, t)
             row.force = []
             if n_force and (row.generated[-1] in self.stop_ids or len(row.generated) >= req.max_new_tokens):
-                self._finish(row, kv)
+                self._finish(row, _layers(cache))
                 return False
             return True
         except BaseException as e:
@@ -402,13 +401,13 @@ class InferenceEngine:
         if not batch:
             batch.append(row)
             row.pad = 0
-            return {"layers": row.kv, "mask": torch.ones(1, row.length, dtype=torch.long)}
+            return {"cache": row.cache, "mask": torch.ones(1, row.length, dtype=torch.long)}
         S = state["mask"].shape[1]
         L = row.length
         grow = max(0, L - S)  # the batch is padded further left when the new row is longer
         S2 = S + grow
         layers = []
-        for (k_BHSD, v_BHSD), (k_1HLD, v_1HLD) in zip(state["layers"], row.kv):
+        for (k_BHSD, v_BHSD), (k_1HLD, v_1HLD) in zip(_layers(state["cache"]), _layers(row.cache)):
             layers.append((torch.cat([_pad_left(k_BHSD, grow), _pad_left(k_1HLD, S2 - L)], 0),
                            torch.cat([_pad_left(v_BHSD, grow), _pad_left(v_1HLD, S2 - L)], 0)))
         mask = torch.cat([_pad_left(state["mask"], grow, dim=1),
@@ -418,7 +417,8 @@ class InferenceEngine:
         row.pad = S2 - L
         batch.append(row)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
-        return {"layers": layers, "mask": mask}
+        row.cache = None
+        return {"cache": _make_cache(layers), "mask": mask}
 
     def _choose(self, row: _Row) -> int:
         req = row.req
@@ -454,7 +454,9 @@ class InferenceEngine:
                 keep.append(i)
         for i in finished:
             row = batch[i]
-            self._finish(row, [(k[i:i + 1, :, row.pad:], v[i:i + 1, :, row.pad:]) for k, v in state["layers"]])
+            # a copy, so the episode does not keep the whole batch's tensors alive
+            self._finish(row, [(k[i:i + 1, :, row.pad:].clone(), v[i:i + 1, :, row.pad:].clone())
+                               for k, v in _layers(state["cache"])])
         if finished:
             if not keep:
                 batch.clear()
@@ -462,7 +464,7 @@ class InferenceEngine:
             idx = torch.tensor(keep)
             rows = [batch[i] for i in keep]
             trim = min(r.pad for r in rows)  # drop padding no remaining row needs
-            state = {"layers": [(k[idx, :, trim:], v[idx, :, trim:]) for k, v in state["layers"]],
+            state = {"cache": _make_cache([(k[idx, :, trim:], v[idx, :, trim:]) for k, v in _layers(state["cache"])]),
                      "mask": state["mask"][idx, trim:]}
             for r in rows:
                 r.pad -= trim
@@ -471,12 +473,12 @@ class InferenceEngine:
         pos = torch.tensor([[r.length] for r in batch])
         mask = torch.cat([state["mask"], torch.ones(len(batch), 1, dtype=torch.long)], 1)
         # One row needs no mask (and gives the exact single-sequence computation).
-        logits_BV, kv = self._forward(ids, state["layers"], None if len(batch) == 1 else mask, pos)
+        logits_BV, cache = self._forward(ids, state["cache"], None if len(batch) == 1 else mask, pos)
         for j, r in enumerate(batch):
             r.logits = logits_BV[j]
             r.fed.append(r.generated[-1])
             r.length += 1
-        return {"layers": kv, "mask": mask}
+        return {"cache": cache, "mask": mask}
 
     def _finish(self, row: _Row, kv) -> None:
         req = row.req
@@ -488,6 +490,18 @@ class InferenceEngine:
                             forced_think_close=row.forced_close, cache_tokens=len(row.fed),
                             wall_s=time.perf_counter() - row.t0)
         row.done.set()
+
+
+def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+    """A DynamicCache holding `layers` (full-length layers for every model: a sliding-window model's
+    masks still restrict attention, and cropping stays exact)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+
+
+def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

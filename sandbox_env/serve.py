@@ -138,8 +138,8 @@ class ChatService:
         tools = body.get("tools") or None
         if tools is not None and (not isinstance(tools, list) or any(t.get("type") != "function" for t in tools)):
             raise BadRequest("tools must be a list of {type: function, function: {...}}")
-        if body.get("tool_choice") not in (None, "auto", "none") or body.get("tool_choice") == "none":
-            tools = None if body.get("tool_choice") == "none" else tools
+        if body.get("tool_choice") == "none":  # "required" / a named tool cannot be enforced: treated as "auto"
+            tools = None
         temperature = float(body["temperature"]) if body.get("temperature") is not None else self.default_temperature
         top_p = float(body["top_p"]) if body.get("top_p") is not None else 1.0
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
