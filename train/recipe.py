@@ -235,6 +235,12 @@ class TrainRecipe:
         overrides = {}
         if cfg.model.path is None:
             overrides["vocab_size"] = len(self.tokenizer)
+        else:
+            # A preset's `config:` overrides are applied to a loaded checkpoint too; its own vocab must win
+            # (e.g. model=tiny_qwen3_moe model.path=<a tiny checkpoint trained with another vocab size).
+            saved = json.loads((Path(cfg.model.path) / "config.json").read_text())
+            if "vocab_size" in saved:
+                overrides["vocab_size"] = saved["vocab_size"]
         if self.zero_stage == 3:
             # transformers would build the model inside deepspeed.zero.Init (parameters partitioned,
             # shape [0]) whenever a ZeRO-3 config is alive; qat.prepare needs the real expert shapes,

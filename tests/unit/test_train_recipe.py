@@ -165,3 +165,14 @@ def test_unknown_override_fails_naming_it_on_the_command_line(traj, tmp_path):
     r = subprocess.run([sys.executable, "-m", "train", f"data.path={traj}", f"output_dir={tmp_path}", "precision=fp64"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "precision='fp64'" in r.stderr, r.stderr[-2000:]
+
+
+def test_init_from_a_checkpoint_with_another_vocab_than_the_preset(traj, tmp_path):
+    """The pipeline's QAT stage: model.path=<BF16 checkpoint> (tokenizer and vocab from it, not the preset)."""
+    _, bf16 = _run(traj, tmp_path / "bf16", "qat=none", "max_steps=6", "checkpoint.every=0", "eval.every=0")
+    ckpt = tmp_path / "bf16" / "checkpoints" / "step_000006"
+    recipe, qat_rows = _run(traj, tmp_path / "qat", f"model.path={ckpt}", "qat.start_step=0", "max_steps=1",
+                            "checkpoint.every=0", "eval.every=0")
+    assert recipe._unwrapped().config.vocab_size == len(recipe.tokenizer) == 512 != 2048  # preset says 2048
+    # It starts from the trained weights: its first loss is far below a fresh model's.
+    assert qat_rows[0]["loss"] < bf16[0]["loss"] - 0.3
