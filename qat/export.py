@@ -317,6 +317,7 @@ class _ShardWriter:
             return
         tmp = f"shard-{len(self.files):05d}.safetensors.tmp"
         save_file(self.pending, str(self.out_dir / tmp), metadata={"format": "pt"})
+        # hashed from the page cache on the second thread while this one goes on quantizing
         self._hashes[tmp] = self._hasher.submit(sha256_file, self.out_dir / tmp)
         self.files.append((tmp, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
@@ -338,11 +339,12 @@ class _ShardWriter:
         return names
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = memoryview(bytearray(chunk))  # one buffer, refilled: no fresh pages per block
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
     return h.hexdigest()
 
 
