@@ -303,3 +303,54 @@ def restore_bf16(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16
 def expert_weight_bytes(model: nn.Module) -> int:
     """Resident bytes of the INT4 expert weights (packed codes and scales) of a load_int4 model."""
     return sum(m.nbytes for m in model.modules() if isinstance(m, Int4Weight))
+
+
+@torch.no_grad()
+def convert_int4(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """A prepared (fake-quant) model -> the INT4 runtime, in place, without a checkpoint on disk.
+
+    Every fake-quantized expert tensor is replaced by its packed INT4 codes and scales (from the
+    model's own quantizers, as export_int4 writes them) and the fake quant is removed: the model
+    computes what load_int4 of its export computes. Works for every family the fake quant does,
+    GPT-OSS's transposed experts included (which the compressed-tensors export cannot express).
+    Per-expert nn.Linear targets become Int4Linear. Returns the model.
+    """
+    from .fake_quant import _QAT_ATTR, get_config, iter_quantized
+    from .int4 import pack_int4
+
+    if get_config(model) is None:
+        raise ValueError("convert_int4: the model has no fake quant; call qat.prepare(model, QuantConfig()) first "
+                         "(or export_int4 + load_int4 for round-to-nearest)")
+    targets = list(iter_quantized(model))
+    for cfg in {id(fq.cfg): fq.cfg for *_, fq in targets}.values():
+        if cfg.bits != 4:
+            raise ValueError(f"convert_int4: QuantConfig.bits={cfg.bits}; the INT4 runtime runs 4-bit codes only")
+    num_experts = 0
+    for name, module, attr, fq in targets:
+        weight = getattr(module, attr)
+        codes, scale = fq.quantize(weight)
+        packed = pack_int4(codes).to(weight.device)
+        scale = scale.to(fq.cfg.torch_scale_dtype).to(weight.device)
+        if isinstance(module, nn.Linear):
+            int4 = Int4Weight(packed[None], scale[None], fq.cfg.group_size, codes.shape[-1], backend)
+            parent_name, _, child = name.rsplit(".", 1)[0].rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            bias = module.bias.detach() if module.bias is not None else None
+            setattr(parent, child, Int4Linear(int4, bias))
+            continue
+        del module._parameters[attr]
+        setattr(module, attr.replace("_proj", "_int4"),
+                Int4Weight(packed, scale, fq.cfg.group_size, codes.shape[-1], backend))
+        num_experts += 1
+    for _, module, _, _ in targets:
+        if "weight_fake_quant" in module._modules:
+            del module._modules["weight_fake_quant"]
+        base = getattr(type(module), "_agentic_qat_base", None)
+        if base is not None:
+            module.__class__ = base
+    delattr(model, _QAT_ATTR)
+    if num_experts:
+        model.config._experts_implementation = register_experts_implementation()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

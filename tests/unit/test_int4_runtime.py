@@ -194,3 +194,30 @@ def test_reads_a_checkpoint_compressed_tensors_produced(tmp_path):
     diff, quant_effect = (ours - theirs).abs().max().item(), (theirs - dense).abs().max().item()
     print(f"compressed-tensors checkpoint: load_int4 vs transformers max|diff| = {diff:.2e}; vs float {quant_effect:.2e}")
     assert diff < 0.1 * quant_effect
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_convert_int4_in_memory(family, tmp_path):
+    from qat import get_config
+    from qat.load import convert_int4
+
+    model = tiny(family)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+    prepare(model, QuantConfig())
+    with torch.no_grad():
+        fq = model(ids).logits
+    if family == "qwen3_moe":
+        export_int4(model, tmp_path)
+    convert_int4(model)
+    assert get_config(model) is None and not any("fake_quant" in n for n, _ in model.named_modules())
+    assert all(w.backend == "cpu" for w in model.modules() if isinstance(w, Int4Weight))
+    with torch.no_grad():
+        logits = model(ids).logits
+    diff, quant_effect = (logits - fq).abs().max().item(), (fq - ref).abs().max().item()
+    print(f"{family}: convert_int4 vs fake quant {diff:.2e}; fake quant vs float {quant_effect:.2e}")
+    assert diff < 1e-4 and diff < 1e-3 * quant_effect
+    if family == "qwen3_moe":  # the same weights as the export, loaded back
+        with torch.no_grad():
+            assert torch.equal(load_int4(tmp_path)(ids).logits, logits)
