@@ -221,3 +221,11 @@ def test_convert_int4_in_memory(family, tmp_path):
     if family == "qwen3_moe":  # the same weights as the export, loaded back
         with torch.no_grad():
             assert torch.equal(load_int4(tmp_path)(ids).logits, logits)
+
+
+def test_sharded_export_loads_the_same(exported, tmp_path):
+    model, out, ids, _, fq = exported
+    export_int4(model, tmp_path, max_shard_size="300KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(load_int4(tmp_path)(ids).logits, load_int4(out)(ids).logits)
