@@ -14,7 +14,7 @@ random weights, in a one-layer Qwen3-MoE model saved as a hub-layout checkpoint:
 Peak memory stays under ~6 GB. Timings interleave the two contenders round by round, so load
 from other processes hits both alike; medians are reported.
 
-    .venv/bin/python scripts/bench/int4_runtime.py                 # ~3 minutes on 2 cores
+    .venv/bin/python scripts/bench/int4_runtime.py                 # ~2 minutes on 2 cores
     .venv/bin/python scripts/bench/int4_runtime.py --threads 4 --tokens 64
 """
 
@@ -90,7 +90,9 @@ def timed_cpu(fn) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: on a shared 2-core box the per-op thread barriers of "
+                         "2 threads cost more than decode's small matmuls gain)")
     ap.add_argument("--tokens", type=int, default=48, help="decode steps timed per contender and round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--export-rounds", type=int, default=2)
