@@ -95,3 +95,18 @@ def test_every_eval_config_composes():
     for p in sorted((ROOT / "conf" / "eval").glob("*.yaml")):
         cfg = _compose([f"+eval={p.stem}"])
         assert cfg["budgets"]["max_steps"] >= 1 and cfg["engine"]["max_batch_size"] >= 1
+
+
+def test_evaluate_cli_end_to_end(tmp_path):
+    """The Hydra entry point itself, as a user runs it: one checkpoint, the quick preset, one family."""
+    ck = make_checkpoints(tmp_path / "ck")
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "sandbox_env.evaluate", f"out_dir={out}", "+eval=quick",
+                        "tasks=compute", "~tasks.families.dates", "~tasks.families.primes", "~tasks.families.strings",
+                        "tasks.splits.heldout=1", "steps_needed=false", "engine.threads=1",
+                        f"checkpoints=[{{name: int4, path: {ck['int4']}}}]"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"] == 1 and report["models"]["int4"]["kind"] == "int4"
+    assert "## arith" in (out / "report.md").read_text()

@@ -97,3 +97,35 @@ def test_openai_teacher_runs_an_episode_against_the_server(served):
     rec = run_episode(served["task"], teacher, served["env"], family=served["family"])
     assert rec["metadata"]["tool_calls"] == 1 and rec["metadata"]["invalid_tool_calls"] == 0
     assert rec["verdict"]["correct"], rec["messages"][-1]
+
+
+def test_serve_cli_starts_on_a_free_port_and_lists_the_model(tmp_path):
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from sandbox_env.local_policy import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(seed=0, layers=1)
+    model.save_pretrained(tmp_path / "ck")
+    tok.save_pretrained(tmp_path / "ck")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox_env.serve", f"checkpoint={tmp_path / 'ck'}", "port=0",
+                             "name=cli-model", "threads=1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        url, t0 = None, time.time()
+        while url is None and time.time() - t0 < 120:
+            line = proc.stdout.readline()
+            m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line or "")
+            url = m.group(1) if m else None
+            assert proc.poll() is None or url, "server exited early"
+        assert url, "the server never printed its address"
+        body = json.loads(urllib.request.urlopen(f"{url}/models", timeout=30).read())
+        assert body["data"][0]["id"] == "cli-model"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
