@@ -2,7 +2,8 @@
 
 Each run goes through the shipped launch configs (`accelerate launch --config_file
 conf/accelerate/<name>.yaml --num_processes 2 -m train ...`). The reference is one process with
-grad_accum_steps=2 and the same micro-batch, i.e. the same global batch of the same rows. Fake
+grad_accum_steps=4 against 2 processes x grad_accum_steps=2, one row per micro-batch: the same
+global batch of the same rows. Fake
 quant switches on at step 3 of 6, so QAT off and QAT on are both compared.
 
 Tolerance: losses within 1e-5 absolute (nats/token) and final weights within 1e-4; only float
@@ -31,9 +32,11 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELE
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-4
 
 
-def _args(traj, out):
-    return ["experiment=tiny_cpu_smoke", f"data.path={traj}", f"output_dir={out}", "threads=1", "progress_bar=false",
-            "max_steps=6", "micro_batch_size=2", "qat.start_step=2", "qat.log_every=3", "checkpoint.every=0",
+def _args(traj, out, grad_accum_steps=2):
+    # 2 processes x 2 accumulation steps x 1 row = the reference's 1 process x 4 x 1 row: the
+    # distributed runs also exercise accumulation (DDP no_sync, DeepSpeed's own boundary).
+    return ["experiment=tiny_cpu_smoke", f"grad_accum_steps={grad_accum_steps}", f"data.path={traj}", f"output_dir={out}", "threads=1", "progress_bar=false",
+            "max_steps=6", "micro_batch_size=1", "qat.start_step=2", "qat.log_every=3", "checkpoint.every=0",
             "eval.every=3"]
 
 
@@ -47,7 +50,7 @@ def traj(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(traj, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    r = subprocess.run([sys.executable, "-m", "train", *_args(traj, out), "grad_accum_steps=2"], cwd=ROOT, env=ENV,
+    r = subprocess.run([sys.executable, "-m", "train", *_args(traj, out, grad_accum_steps=4)], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
