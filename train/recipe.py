@@ -144,7 +144,7 @@ class TrainRecipe:
         acc = self.accelerator
         launched_world = int(os.environ.get("WORLD_SIZE", "1"))
         if acc.num_processes != launched_world:
-            raise RuntimeError(f"the launcher started {launched_world} processes but accelerate sees {acc.num_processes}; "
+            raise ValueError(f"the launcher started {launched_world} processes but accelerate sees {acc.num_processes}; "
                                "every rank would train alone. Launch with torchrun or a conf/accelerate/*.yaml config")
         self.precision = precision
         self.world_size = acc.num_processes
