@@ -532,6 +532,16 @@ def assistant_body_ids(renderer: Any, messages: list[dict[str, Any]], tools: lis
         msg["tool_calls"] = [{"id": c.id or f"call_g{j}", "type": "function",
                               "function": {"name": c.name, "arguments": c.arguments}}
                              for j, c in enumerate(step.tool_calls)]
+    from data.render import TinyRenderer, render_text
+
+    if isinstance(renderer, TinyRenderer):
+        # The K2-style format tokenizes each block on its own (structure lives in special tokens), so the
+        # message rendered alone, call numbers counted over the whole conversation, is the same tokens.
+        msgs = list(messages) + [msg]
+        ids = renderer.encode_text(render_text(msgs, None, keep=[len(msgs) - 1]))
+        head = renderer.encode_text(render_text([], None, add_generation_prompt=True))
+        assert ids[: len(head)] == head, "the assistant block does not start with the generation prompt"
+        return ids[len(head):]
     docs = renderer.render_documents({"messages": list(messages) + [msg], "tools": tools or None})
     labels = docs[-1]["labels"]
     end = max(i for i, x in enumerate(labels) if x != -100) + 1

@@ -242,3 +242,21 @@ def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny, tmp_path):
     assert outs["fq"] == outs["int4"]
     with pytest.raises(ValueError, match="ptq='rtn' applies to a dense HF checkpoint"):
         load_policy_model(tmp_path / "int4", ptq="rtn")
+
+
+def test_guided_body_ids_equal_the_training_labels(tiny):
+    """The fast path of assistant_body_ids (tiny format) gives exactly the labelled tokens of the training render."""
+    from sandbox_env.local_policy import assistant_body_ids
+
+    model, tok, r = tiny
+    msgs = _conversation(3)
+    step = AssistantStep("think é", "some text", [ToolCall("python", {"code": "print(1)"}, "x1"),
+                                                  ToolCall("shell", '{"command": "ls"', "x2")])
+    fast = assistant_body_ids(r, msgs, None, step)
+    msg = {"role": "assistant", "content": step.content, "reasoning_content": step.reasoning_content,
+           "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                          for c in step.tool_calls]}
+    labels = r.render_documents({"messages": msgs + [msg]})[-1]["labels"]
+    end = len(labels)
+    assert labels[end - len(fast):] == fast and labels[end - len(fast) - 1] == -100
+    assert r.parse_assistant(fast)["tool_calls"][0]["function"]["arguments"] == {"code": "print(1)"}
