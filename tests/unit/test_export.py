@@ -190,19 +190,32 @@ def test_errors_name_the_setting(tmp_path):
         export_int4(model, tmp_path / "d", quant_config=QuantConfig(group_size=64))
 
 
-def test_tokenizer_and_chat_template_are_written(tmp_path):
+def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"[UNK]": 0, "<|im_end|>": 1, "hello": 2, "world": 3}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="<|im_end|>")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
-    report = export_int4(tiny(), tmp_path, tok)
-    assert "tokenizer.json" in report.files and verify_export(tmp_path)
-    back = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert back.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello<|im_end|>"
+    return tok
+
+
+def test_tokenizer_and_chat_template_are_written(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qat.export import export_checkpoint_int4
+
+    model, tok = tiny(), _tokenizer()
+    report = export_int4(model, tmp_path / "m", tok)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    streamed = export_checkpoint_int4(tmp_path / "ckpt", tmp_path / "s")
+    for out, rep in ((tmp_path / "m", report), (tmp_path / "s", streamed)):
+        assert "tokenizer.json" in rep.files and verify_export(out)
+        back = AutoTokenizer.from_pretrained(str(out))
+        assert back.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello<|im_end|>"
 
 
 def test_quantization_config_dict_group_size():
