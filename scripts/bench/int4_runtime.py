@@ -166,7 +166,7 @@ def main() -> None:
     print()
     print(f"torch {torch.__version__}, {args.threads} threads, INT4 backend {sorted(backends)}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"BF16 experts implementations, ms/token: " + ", ".join(f"{k} {v / args.tokens * 1e3:.2f}" for k, v in dense_impls.items()))
+    print("BF16 experts implementations, ms/token: " + ", ".join(f"{k} {v / args.tokens * 1e3:.2f}" for k, v in dense_impls.items()))
     print(f"(a) decode, batch 1, one MoE block: BF16 ({best}) {ms_bf16:.2f} ms/token, INT4 {ms_int4:.2f} ms/token "
           f"-> speed-up {ms_bf16 / ms_int4:.2f}x (target >= 2.0x)   [INT4 vs BF16 output rel. error {rel:.3f}]")
     print(f"(b) resident expert weights: BF16 {bf16_bytes / 2**20:.1f} MiB, INT4 {int4_bytes / 2**20:.1f} MiB "
