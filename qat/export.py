@@ -28,6 +28,7 @@ Legend: E experts, O output channels, I input channels, G = I / group_size.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import hashlib
 import json
@@ -37,7 +38,9 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -285,8 +288,6 @@ class _ShardWriter:
     """Collects tensors into a shard until max_bytes, then writes it; names it -of-N at the end."""
 
     def __init__(self, out_dir: Path, max_bytes: int):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.out_dir, self.max_bytes = out_dir, max_bytes
         # Each written shard is hashed on a second thread (hashlib releases the GIL) while the
         # next one is quantized, so the marker's checksums cost no extra pass at the end.
@@ -560,7 +561,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            quant_config: QuantConfig | None = None, max_shard_size: int | str = "5GB",
                            overwrite: bool = False, dtype: torch.dtype | None = None,
-                           source: str = "rtn_absmax") -> "ExportReport":
+                           source: str = "rtn_absmax", workers: int | None = None) -> "ExportReport":
     """RTN INT4 export straight from a hub-layout safetensors checkpoint, tensor by tensor.
 
     What export_int4 writes for the same model without fake quant (bit for bit), without building
@@ -627,30 +628,57 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     _clear_previous_export(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, parse_size(max_shard_size))
-    quantizer = _ChunkedQuantizer()
     report = ExportReport(out_dir=str(out), source=source)
     seen = set()
-    for fname in files:
-        with safe_open(str(src / fname), framework="pt") as f:
-            for key in f.keys():
-                if key not in expected:
-                    if ".weight_fake_quant." in key:
-                        continue  # observer state of a training checkpoint
-                    raise ValueError(f"export: {fname} holds {key}, which {type(model).__name__} does not have; "
-                                     f"is input={str(src)!r} a checkpoint of this config?")
-                seen.add(key)
-                tensor = f.get_tensor(key)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                if key in hub_quantized:
-                    packed, scale = quantizer._quantize(tensor, cfg, None)
-                    base = key[: -len(".weight")]
-                    writer.add(f"{base}.weight_packed", packed.view(torch.int32))
-                    writer.add(f"{base}.weight_scale", scale)
-                    writer.add(f"{base}.weight_shape", torch.tensor(list(tensor.shape), dtype=torch.int64))
-                    report.num_int4_tensors += 1
-                else:
-                    writer.add(key, tensor)
+    # Quantization is elementwise work on independent tensors: with torch single-threaded, a
+    # second Python thread (torch ops release the GIL) quantizes the next tensor meanwhile. Results
+    # are written in checkpoint order, at most a few tensors ahead.
+    if workers is None:
+        workers = max(1, min(4, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
+    local = threading.local()
+
+    def quantize(tensor):
+        if not hasattr(local, "quantizer"):
+            local.quantizer = _ChunkedQuantizer()
+        return local.quantizer._quantize(tensor, cfg, None)
+
+    queue: collections.deque = collections.deque()
+
+    def drain(keep: int) -> None:
+        while len(queue) > keep:
+            key, shape, result = queue.popleft()
+            packed, scale = result.result() if workers > 1 else result
+            base = key[: -len(".weight")]
+            writer.add(f"{base}.weight_packed", packed)
+            writer.add(f"{base}.weight_scale", scale)
+            writer.add(f"{base}.weight_shape", torch.tensor(list(shape), dtype=torch.int64))
+            report.num_int4_tensors += 1
+
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        for fname in files:
+            with safe_open(str(src / fname), framework="pt") as f:
+                for key in f.keys():
+                    if key not in expected:
+                        if ".weight_fake_quant." in key:
+                            continue  # observer state of a training checkpoint
+                        raise ValueError(f"export: {fname} holds {key}, which {type(model).__name__} does not have; "
+                                         f"is input={str(src)!r} a checkpoint of this config?")
+                    seen.add(key)
+                    tensor = f.get_tensor(key)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    if key in hub_quantized:
+                        result = pool.submit(quantize, tensor) if pool is not None else quantize(tensor)
+                        queue.append((key, tuple(tensor.shape), result))
+                        drain(2 * workers)
+                    else:
+                        drain(0)
+                        writer.add(key, tensor)
+        drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     missing = sorted(expected - seen)
     tied = {layout[n] for n in names if isinstance(layout[n], str)} & set(missing)
     if missing and not (getattr(config, "tie_word_embeddings", False) and set(missing) <= tied):

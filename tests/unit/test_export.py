@@ -283,7 +283,7 @@ def test_streaming_export_casts_like_from_pretrained(tmp_path):
 
     model = tiny()
     model.save_pretrained(tmp_path / "ckpt")  # float32
-    export_checkpoint_int4(tmp_path / "ckpt", tmp_path / "s", dtype=torch.bfloat16)
+    export_checkpoint_int4(tmp_path / "ckpt", tmp_path / "s", dtype=torch.bfloat16, workers=1)
     export_int4(model.to(torch.bfloat16), tmp_path / "m")
     a, b = read_all(tmp_path / "s"), read_all(tmp_path / "m")
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
