@@ -55,6 +55,17 @@ def _checkpoints(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"checkpoints[{i}].name={c['name']!r} is used twice; names must be unique")
         if not Path(str(c["path"])).is_dir():
             raise ValueError(f"checkpoints[{i}].path={c['path']!r} is not a directory")
+        if c.get("ptq"):  # checked before any model runs, not after an hour of episodes
+            from qat.ptq import METHODS
+
+            from sandbox_env.local_policy import checkpoint_kind
+
+            if c["ptq"] not in METHODS:
+                raise ValueError(f"checkpoints[{i}].ptq={c['ptq']!r} is not a qat.ptq method; choose one of {list(METHODS)}")
+            kind = checkpoint_kind(c["path"])
+            if kind != "hf":
+                raise ValueError(f"checkpoints[{i}].ptq={c['ptq']!r} needs a dense HF checkpoint (the BF16 model the "
+                                 f"baseline quantizes), but path={c['path']!r} is a {kind} checkpoint")
         names.add(c["name"])
     ref = cfg.get("reference")
     if ref is not None and ref not in names:

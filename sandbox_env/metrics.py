@@ -178,6 +178,7 @@ def plot_success_by_steps(points: dict[str, dict[int, tuple[int, int]]], path: s
     for name, by in points.items():
         xs = sorted(by)
         ax.plot(xs, [by[x][0] / by[x][1] for x in xs], marker="o", label=name)
+    ax.set_xticks(sorted({x for by in points.values() for x in by}))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("steps needed (scripted reference solution)")
     ax.set_ylabel("success rate")
@@ -193,6 +194,7 @@ def plot_kl_per_layer(per_layer: dict[str, list[float]], path: str, reference: s
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, kls in per_layer.items():
         ax.plot(range(1, len(kls) + 1), kls, marker="o", label=name)
+    ax.set_xticks(range(1, max(len(k) for k in per_layer.values()) + 1))
     ax.set_xlabel("decoder layer (logit lens; last = output)")
     ax.set_ylabel(f"KL({reference} || model), nats/token")
     ax.set_yscale("symlog", linthresh=1e-6)

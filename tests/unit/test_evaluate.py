@@ -70,3 +70,8 @@ def test_checkpoint_list_errors_name_the_setting(tmp_path):
         _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path)}, {"name": "a", "path": str(tmp_path)}]})
     with pytest.raises(ValueError, match="reference='b'"):
         _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path)}], "reference": "b"})
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe", "quantization_config": {"quant_method": "compressed-tensors"}}')
+    with pytest.raises(ValueError, match=r"checkpoints\[0\].ptq='rtn' needs a dense HF checkpoint"):
+        _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "rtn"}]})
+    with pytest.raises(ValueError, match="not a qat.ptq method"):
+        _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "gptq"}]})
