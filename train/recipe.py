@@ -14,7 +14,8 @@ of token losses over the whole global batch divided by its number of loss tokens
 locally, since every rank sees every batch). So 1 process x 2 accumulation steps, 2 processes
 (DDP, ZeRO-2, ZeRO-3) x 1, and resumes from any checkpoint all compute the same function of the
 same data; only float summation order differs. The cost is that every rank collates every
-micro-batch (cheap next to an MoE forward).
+micro-batch (cheap next to an MoE forward); a bonus is that the data position in a checkpoint
+does not depend on the number of processes.
 
 Tensor names: B batch rows, T tokens per row, V vocab.
 """
@@ -391,7 +392,10 @@ class TrainRecipe:
             if self.qat_cfg is not None:
                 on = fake_quant_on(self.step, cfg.qat.start_step)
                 qat.set_fake_quant(self._unwrapped(), on)
-                if on and cfg.qat.refresh_every and self.step % cfg.qat.refresh_every == 0:
+                # mse observers: re-search the clipping ratios every refresh_every steps, and when the
+                # fake quant switches on (the ratios from prepare() belong to the initial weights).
+                refresh = cfg.qat.refresh_every and self.step % cfg.qat.refresh_every == 0
+                if on and (refresh or self.step == cfg.qat.start_step):
                     with self._gathered_params():
                         qat.refresh_observers(self._unwrapped())
             t0 = time.perf_counter()
@@ -432,8 +436,9 @@ class TrainRecipe:
         micro = [[self._next_batch() for _ in range(W)] for _ in range(G)]
         n_loss_tokens = sum(_num_loss_tokens(b["labels"]) for row in micro for b in row)
         n_tokens = sum(_num_tokens(b) for row in micro for b in row)
-        lm_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        # Running sums stay on the device: one transfer per step, not a sync per micro-batch.
+        lm_sum = torch.zeros((), dtype=torch.float32, device=acc.device)
+        aux_sum = torch.zeros((), dtype=torch.float32, device=acc.device)
         for g in range(G):
             batch = {k: v.to(acc.device) for k, v in micro[g][self.rank].items()}
             with acc.accumulate(self.model):
@@ -449,9 +454,9 @@ class TrainRecipe:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            lm_sum += lm_loss_sum.detach().double().cpu()
+            lm_sum += lm_loss_sum.detach().float()
             if aux is not None:
-                aux_sum += aux.detach().double().cpu()
+                aux_sum += aux.detach().float()
         assert acc.sync_gradients, "an optimizer step must end on an accumulation boundary"
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -460,7 +465,8 @@ class TrainRecipe:
             grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
         totals = torch.stack([lm_sum, aux_sum])
         if W > 1:
-            totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
+            totals = acc.reduce(totals, reduction="sum")
+        totals = totals.double().cpu()
         out = {"loss": float(totals[0]) / max(n_loss_tokens, 1), "lr": lr, "tokens": n_tokens,
                "loss_tokens": n_loss_tokens}
         if self.aux_coef or aux is not None:
