@@ -110,3 +110,43 @@ def test_evaluate_cli_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["tasks"] == 1 and report["models"]["int4"]["kind"] == "int4"
     assert "## arith" in (out / "report.md").read_text()
+
+
+def test_a_model_that_solves_its_task_scores_and_needs_its_tools(tmp_path):
+    """A tiny model trained for a few seconds on the scripted solution of one held-out task: the job
+    scores it 1/1 with tools and 0/1 with tools disabled (it cannot multiply 60-digit numbers itself)."""
+    from data.render import get_renderer
+    from sandbox_env.evaluate import evaluate
+    from sandbox_env.local_policy import tiny_model_and_tokenizer
+    from sandbox_env.policies import ScriptedTeacher
+    from sandbox_env.rollout import ToolEnv, run_episode
+    from sandbox_env.tasks import get_family
+
+    torch.set_num_threads(1)
+    fam = get_family("arith")
+    record = run_episode(fam.make("heldout", 0, 0), ScriptedTeacher(mistake_rate=0.0), ToolEnv(tools=("python",)), family=fam)
+    model, tok = tiny_model_and_tokenizer(seed=0, layers=1)
+    d = get_renderer(tok).render_training(record)
+    ids, labels = torch.tensor([d["input_ids"]]), torch.tensor([d["labels"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(400):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.005:
+            break
+    model.eval()
+    model.save_pretrained(tmp_path / "solver")
+    tok.save_pretrained(tmp_path / "solver")
+    out = tmp_path / "eval"
+    cfg = _compose([f"out_dir={out}", "tasks=compute", "~tasks.families.dates", "~tasks.families.primes",
+                    "~tasks.families.strings", "tasks.splits.heldout=1", "tools=[python]", "tools_disabled=true",
+                    "sampling.max_new_tokens=512", "budgets.max_steps=4", "engine.threads=1", "steps_needed=false",
+                    f"checkpoints=[{{name: solver, path: {tmp_path / 'solver'}}}]"])
+    report = evaluate(cfg)
+    m = report["models"]["solver"]
+    assert m["overall"]["success"] == 1.0 and m["overall"]["avg_tool_calls"] == 1.0, m["overall"]
+    assert m["no_tools"]["overall"]["success"] == 0.0
+    assert "| solver | 1 | 1 |" in (out / "report.md").read_text()
