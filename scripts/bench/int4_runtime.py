@@ -10,6 +10,7 @@ random weights, in a one-layer Qwen3-MoE model saved as a hub-layout checkpoint:
   (c) export throughput (`python -m qat.export`'s streaming path: read, quantize, pack, write,
       hash) over a plain safetensors load + save of the same checkpoint files.    target >= 0.5
       Also shown: the export through a model in memory (from_pretrained + export_int4).
+  (d) peak memory of the streaming export (256 MB shards) in a fresh process.
 
 Peak memory stays under ~6 GB. Timings interleave the two contenders round by round, so load
 from other processes hits both alike; medians are reported.
@@ -74,6 +75,44 @@ def export_via_model(src: Path, dst: Path) -> None:
     del model
 
 
+# Anonymous RSS, sampled every 10 ms: the process's own memory. File-backed RSS (the mmap'ed input
+# checkpoint, page cache the kernel drops under pressure) is reported apart; VmHWM and ru_maxrss
+# mix the two (and ru_maxrss even carries over the parent's peak into a forked child).
+PEAK_RSS_SNIPPET = """
+import sys, threading, time, torch
+torch.set_num_threads(1)
+from qat.export import export_checkpoint_int4
+def status():
+    return {l.split(":")[0]: int(l.split()[1]) // 1024 for l in open("/proc/self/status")
+            if l.startswith(("RssAnon", "RssFile"))}
+peak, done = {"RssAnon": 0, "RssFile": 0}, threading.Event()
+def sample():
+    while not done.is_set():
+        for k, v in status().items():
+            peak[k] = max(peak[k], v)
+        time.sleep(0.01)
+base = status()["RssAnon"]
+t = threading.Thread(target=sample)
+t.start()
+export_checkpoint_int4(sys.argv[1], sys.argv[2], max_shard_size=sys.argv[3])
+done.set()
+t.join()
+print(base, peak["RssAnon"], peak["RssFile"])
+"""
+
+
+def peak_rss_mib(src: Path, dst: Path, shard: str) -> tuple[int, int, int]:
+    """(anonymous RSS after imports, peak anonymous RSS, peak file-backed RSS) in MiB of a fresh
+    process running the streaming export."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_SNIPPET, str(src), str(dst), shard], capture_output=True,
+                       text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    base, anon, file = (int(v) for v in r.stdout.split()[-3:])
+    return base, anon, file
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -126,6 +165,8 @@ def main() -> None:
             gc.collect()
         (plain_s, plain_cpu), (export_s, export_cpu), (model_s, model_cpu) = (
             min(t, key=lambda x: x[0]) for t in (plain_t, export_t, model_t))
+        shutil.rmtree(copy)
+        rss_base, rss_anon, rss_file = peak_rss_mib(ckpt, copy, "256MB")
 
         # (a) decode time of the MoE block, (b) resident expert bytes
         dense = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
@@ -180,6 +221,9 @@ def main() -> None:
           f"{model_s:.2f} s wall, {model_cpu:.2f} s CPU -> ratio {plain_s / model_s:.2f} wall, "
           f"{plain_cpu / model_cpu:.2f} CPU")
 
+    print(f"(d) streaming export, 256 MB shards, fresh process: peak anonymous memory {rss_anon - rss_base} MiB above "
+          f"the {rss_base} MiB after imports, for a {ckpt_bytes / 2**20:.0f} MiB checkpoint (plus up to {rss_file} MiB "
+          f"of file-backed pages: the mmap'ed input, reclaimable)")
 
 if __name__ == "__main__":
     main()
