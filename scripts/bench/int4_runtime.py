@@ -220,10 +220,10 @@ def main() -> None:
     print(f"    via a model in memory (from_pretrained + export_int4, the path for mse/lsq observer state): "
           f"{model_s:.2f} s wall, {model_cpu:.2f} s CPU -> ratio {plain_s / model_s:.2f} wall, "
           f"{plain_cpu / model_cpu:.2f} CPU")
-
     print(f"(d) streaming export, 256 MB shards, fresh process: peak anonymous memory {rss_anon - rss_base} MiB above "
           f"the {rss_base} MiB after imports, for a {ckpt_bytes / 2**20:.0f} MiB checkpoint (plus up to {rss_file} MiB "
           f"of file-backed pages: the mmap'ed input, reclaimable)")
+
 
 if __name__ == "__main__":
     main()
