@@ -16,10 +16,14 @@ tensors, and then write the packed codes of those rows under those names. So tra
 Written: sharded safetensors (+ index), config.json with the compressed-tensors
 `quantization_config`, generation config, tokenizer with its chat template, and last of all
 `export_complete.json` (every file's size and sha256), so a partial or altered export fails to load.
-Streaming: tensors go out shard by shard; the only new memory is the shard being filled.
+Memory: tensors go out shard by shard. export_int4 adds to the model it is given the shard being
+filled and one chunk of quantization buffers; export_checkpoint_int4 (what the job runs when the
+observer has no state, e.g. absmax) never builds the model: it reads, quantizes and writes the
+checkpoint tensor by tensor, so its peak is about one shard.
 
     from qat import export_int4
-    export_int4(model, "out/int4", tokenizer=tok)
+    export_int4(model, "out/int4", tokenizer=tok)                # a model in memory (QAT or RTN)
+    export_checkpoint_int4("runs/ckpt", "out/int4")              # RTN straight from the files
     python -m qat.export input=runs/ckpt output=runs/int4        # the Hydra job (conf/export.yaml)
 
 Legend: E experts, O output channels, I input channels, G = I / group_size.
