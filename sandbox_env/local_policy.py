@@ -288,7 +288,9 @@ class InferenceEngine:
                 self._worker = threading.Thread(target=self._serve, name="inference-engine", daemon=True)
                 self._worker.start()
         self._queue.put(row)
-        row.done.wait()
+        while not row.done.wait(1.0):
+            if not self._worker.is_alive():  # never wait forever on a dead worker
+                raise RuntimeError("the inference engine's worker thread died; see the log for its exception")
         if row.error is not None:
             raise row.error
         return row.result  # type: ignore[return-value]
@@ -317,7 +319,11 @@ class InferenceEngine:
                             r.done.set()
                         return
                     if self._admit(row):
-                        state = self._join(state, batch, row)
+                        try:
+                            state = self._join(state, batch, row)
+                        except BaseException as e:  # e.g. out of memory growing the batch: fail this request only
+                            row.error = e
+                            row.done.set()
             except queue.Empty:
                 pass
             try:
