@@ -236,8 +236,8 @@ class InferenceEngine:
     worker thread batches it with whatever else is pending. Statistics (decode tokens, forward
     passes, wall time inside forwards) accumulate in `stats`."""
 
-    def __init__(self, model: Any, renderer: Any, *, max_batch_size: int = 16, pad_token_id: int | None = None,
-                 think_open: str | None = None, think_close: str | None = None):
+    def __init__(self, model: Any, renderer: Any, *, max_batch_size: int = 16, think_open: str | None = None,
+                 think_close: str | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"engine.max_batch_size must be a positive int, got {max_batch_size!r}")
         self.model = model
@@ -248,7 +248,6 @@ class InferenceEngine:
         think = getattr(renderer, "think", ("<think>", "</think>"))
         self.think_open_id = self._token_id(tok, think_open or think[0])
         self.think_close_id = self._token_id(tok, think_close or think[1])
-        self.pad_token_id = pad_token_id if pad_token_id is not None else (tok.pad_token_id or 0)
         p = next(model.parameters())
         self.device = p.device
         self.stats = {"decode_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0, "forwards": 0, "forward_s": 0.0,
@@ -265,7 +264,8 @@ class InferenceEngine:
 
     # -- public ---------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request]) -> list[Result]:
-        """Run `requests` together (up to max_batch_size at a time) in this thread."""
+        """Run `requests` together (up to max_batch_size at a time) in this thread. Not to be mixed
+        with concurrent `submit` calls on the same engine (one model, one decoding thread)."""
         rows = [_Row(r, self) for r in requests]
         pending = list(rows)
         batch: list[_Row] = []
@@ -276,6 +276,9 @@ class InferenceEngine:
                 if self._admit(row):
                     state = self._join(state, batch, row)
             state = self._decode_step(state, batch)
+        for r in rows:
+            if r.error is not None:
+                raise r.error
         return [r.result for r in rows]  # type: ignore[misc]
 
     def submit(self, request: Request) -> Result:
@@ -349,7 +352,7 @@ class InferenceEngine:
                          position_ids=pos_BT.to(self.device))
         self.stats["forward_s"] += time.perf_counter() - t0
         self.stats["forwards"] += 1
-        return out.logits[:, -1, :].float(), cache
+        return out.logits[:, -1, :].float().cpu(), cache  # sampling runs on CPU with per-row CPU generators
 
     def _admit(self, row: _Row) -> bool:
         """Prefill one request (alone: prompts differ in length, and a prefill is one forward
