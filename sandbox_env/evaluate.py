@@ -155,9 +155,16 @@ def run_heavy_suite(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, 
     engine = InferenceEngine(loaded.model, get_renderer(loaded.tokenizer), max_batch_size=cfg["engine"]["max_batch_size"])
     sampling = dict(cfg["sampling"], temperature=h.get("temperature", 0.7))  # N greedy rollouts would all agree
     policy = LocalModelPolicy(engine, name=name, sampling=SamplingConfig(**sampling))
-    try:
-        rows = [run_heavy(task, policy, env, budgets, n=h["n"], mode=h["mode"], family=fam, seed=cfg["seed"],
-                          token_counter=TokenCounter(loaded.tokenizer)) for _, fam, task in tasks]
+    counter = TokenCounter(loaded.tokenizer)
+
+    def one(item):
+        _, fam, task = item
+        return run_heavy(task, policy, env, budgets, n=h["n"], mode=h["mode"], family=fam, seed=cfg["seed"],
+                         token_counter=counter)
+
+    try:  # several tasks at a time, N rollouts each: about engine.concurrency episodes in flight
+        with ThreadPoolExecutor(max_workers=max(1, cfg["engine"]["concurrency"] // h["n"])) as pool:
+            rows = list(pool.map(one, tasks))
     finally:
         engine.close()
     by_fam: dict[str, dict[str, float]] = {}
@@ -278,8 +285,8 @@ def write_report(report: dict[str, Any], all_records: dict[str, list[dict[str, A
     md.append(markdown_table(("model", "kind", "tokens", f"KL({ref} || model)", "top-1 agreement", "NLL", f"NLL {ref}"),
                              kl_rows) + "\n" if kl_rows else "(only one checkpoint, or kl.enabled=false)\n")
     md.append("## Size and speed\n")
-    md.append(markdown_table(("model", "kind", "weights on disk (MB)", "episodes/s", "decode tokens/s", "prefill tokens",
-                              "cache-reused tokens", "max batch"),
+    md.append(markdown_table(("model", "kind", "weights on disk (MB)", "episodes/s", "decode tokens/s (wall, in the loop)",
+                              "prefill tokens", "cache-reused tokens", "max batch"),
                              [[n, m["kind"], round(m["size_bytes"] / 2**20, 3), m["speed"]["episodes_per_s"],
                                m["speed"]["decode_tokens_per_s"], m["speed"]["prefill_tokens"],
                                m["speed"]["reused_tokens"], m["speed"]["max_batch"]] for n, m in models.items()]) + "\n")
