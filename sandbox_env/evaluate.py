@@ -57,7 +57,6 @@ def _checkpoints(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"checkpoints[{i}].path={c['path']!r} is not a directory")
         if c.get("ptq"):  # checked before any model runs, not after an hour of episodes
             from qat.ptq import METHODS
-
             from sandbox_env.local_policy import checkpoint_kind
 
             if c["ptq"] not in METHODS:
@@ -114,7 +113,11 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All tasks with one model, `engine.concurrency` episodes at a time. -> (records, speed stats)."""
     from data.render import get_renderer
-    from sandbox_env.local_policy import InferenceEngine, LocalModelPolicy, SamplingConfig
+    from sandbox_env.local_policy import (
+        InferenceEngine,
+        LocalModelPolicy,
+        SamplingConfig,
+    )
     from sandbox_env.rollout import SYSTEM_PROMPT, TokenCounter, run_episode
 
     e = cfg["engine"]
@@ -125,7 +128,7 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
     t0 = time.perf_counter()
 
     def one(item):
-        tag, fam, task = item
+        _, fam, task = item
         rec = run_episode(task, policy, env, budgets, family=fam, seed=cfg["seed"], token_counter=counter,
                           system_prompt=system)
         rec["metadata"]["model"] = name
@@ -148,7 +151,11 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
 def run_heavy_suite(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any]) -> dict[str, Any]:
     from data.render import get_renderer
     from sandbox_env.heavy import run_heavy
-    from sandbox_env.local_policy import InferenceEngine, LocalModelPolicy, SamplingConfig
+    from sandbox_env.local_policy import (
+        InferenceEngine,
+        LocalModelPolicy,
+        SamplingConfig,
+    )
     from sandbox_env.rollout import TokenCounter
 
     h = cfg["heavy"]
@@ -186,9 +193,11 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     from data.schema import read_trajectories, write_jsonl
     from sandbox_env import SandboxConfig
     from sandbox_env.local_policy import checkpoint_bytes
-    from sandbox_env.metrics import (FAMILY_COLUMNS, family_rows, group_by_family, markdown_table,
-                                     plot_kl_per_layer, plot_success_by_model, plot_success_by_steps,
-                                     summarize_episodes, teacher_forced_divergence)
+    from sandbox_env.metrics import (
+        group_by_family,
+        summarize_episodes,
+        teacher_forced_divergence,
+    )
     from sandbox_env.rollout import Budgets, ToolEnv
 
     cks = _checkpoints(cfg)
@@ -260,14 +269,22 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(report: dict[str, Any], all_records: dict[str, list[dict[str, Any]]], needed: dict[str, int],
                  out: Path) -> None:
-    from sandbox_env.metrics import (FAMILY_COLUMNS, family_rows, group_by_family, markdown_table,
-                                     plot_kl_per_layer, plot_success_by_model, plot_success_by_steps,
-                                     summarize_episodes)
+    from sandbox_env.metrics import (
+        FAMILY_COLUMNS,
+        family_rows,
+        group_by_family,
+        markdown_table,
+        plot_kl_per_layer,
+        plot_success_by_model,
+        plot_success_by_steps,
+        summarize_episodes,
+    )
 
     models = report["models"]
     ref = report["reference"]
-    md = [f"# Evaluation report\n", f"{report['tasks']} {report['split']} tasks per model, seed {report['seed']}, "
-          f"sampling {report['sampling']}, budgets {report['budgets']}. Reference for KL: `{ref}`.\n"]
+    md = ["# Evaluation report\n", (f"{report['tasks']} {report['split']} tasks per model, seed {report['seed']}, "
+                                     f"sampling {report['sampling']}, budgets {report['budgets']}. "
+                                     f"Reference for KL: `{ref}`.\n")]
     md.append("## All families\n")
     overall = {n: summarize_episodes(r) for n, r in all_records.items()}
     md.append(markdown_table(FAMILY_COLUMNS, family_rows(overall)) + "\n")

@@ -32,9 +32,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -139,7 +140,7 @@ def _observer_state(ckpt: Path) -> dict[str, torch.Tensor]:
     state = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
                 if ".weight_fake_quant." in key:
                     state[key] = sf.get_tensor(key)
     return state
@@ -207,7 +208,7 @@ class Result:
 class _Row:
     """A request in flight: its sampling state and where it sits in the running batch."""
 
-    def __init__(self, req: Request, engine: "InferenceEngine"):
+    def __init__(self, req: Request, engine: InferenceEngine):
         self.req = req
         self.done = threading.Event()
         self.result: Result | None = None
@@ -244,7 +245,7 @@ class InferenceEngine:
         self.renderer = renderer
         self.max_batch_size = max_batch_size
         tok = renderer.tokenizer
-        self.stop_ids = set(int(i) for i in renderer.stop_token_ids)
+        self.stop_ids = {int(i) for i in renderer.stop_token_ids}
         think = getattr(renderer, "think", ("<think>", "</think>"))
         self.think_open_id = self._token_id(tok, think_open or think[0])
         self.think_close_id = self._token_id(tok, think_close or think[1])
@@ -324,7 +325,7 @@ class InferenceEngine:
                     if self._admit(row):
                         try:
                             state = self._join(state, batch, row)
-                        except BaseException as e:  # e.g. out of memory growing the batch: fail this request only
+                        except BaseException as e:  # noqa: BLE001 - e.g. out of memory growing the batch: fail this request only
                             row.error = e
                             row.done.set()
             except queue.Empty:
@@ -391,7 +392,7 @@ class InferenceEngine:
                 self._finish(row, _layers(cache))
                 return False
             return True
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - any failure belongs to the waiting request
             row.error = e
             row.done.set()
             return False

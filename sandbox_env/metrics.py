@@ -15,7 +15,8 @@ it is a probe of the residual stream, not a claim about what each layer computes
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 

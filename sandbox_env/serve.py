@@ -27,7 +27,13 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sandbox_env.local_policy import InferenceEngine, KVCache, LoadedModel, Request, _common_prefix
+from sandbox_env.local_policy import (
+    InferenceEngine,
+    KVCache,
+    LoadedModel,
+    Request,
+    _common_prefix,
+)
 
 log = logging.getLogger(__name__)
 

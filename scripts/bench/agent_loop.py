@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from sandbox_env.policies import AssistantStep, ToolCall  # noqa: E402
+from sandbox_env.policies import AssistantStep, ToolCall
 
 
 class DecodeThenCall:
@@ -137,7 +137,7 @@ def main() -> None:
                 prepare(q, QuantConfig())
                 export_int4(q, os.path.join(d, "int4"), tok)
                 int4 = load_int4(os.path.join(d, "int4"), dtype=torch.bfloat16).eval()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001
                 print(f"INT4 rows skipped: export/load failed: {type(e).__name__}: {e}")
                 args.skip_int4 = True
             else:

@@ -51,8 +51,8 @@ def test_evaluate_three_checkpoints_report(tmp_path):
     out = tmp_path / "eval"
     cfg = _compose([
         f"out_dir={out}", "+eval=quick", "tasks=compute", "tasks.splits.heldout=1",
-        f"checkpoints=[{{name: bf16, path: {ck['bf16']}}}, {{name: qat_fq, path: {ck['fq']}}}, "
-        f"{{name: qat_int4, path: {ck['int4']}}}, {{name: ptq_rtn, path: {ck['bf16']}, ptq: rtn}}]",
+        (f"checkpoints=[{{name: bf16, path: {ck['bf16']}}}, {{name: qat_fq, path: {ck['fq']}}}, "
+         f"{{name: qat_int4, path: {ck['int4']}}}, {{name: ptq_rtn, path: {ck['bf16']}, ptq: rtn}}]"),
         "reference=bf16", "tools_disabled=true", "heavy.n=2", "budgets.max_steps=3", "sampling.max_new_tokens=32",
         "engine.threads=1",
     ])
@@ -87,7 +87,7 @@ def test_evaluate_three_checkpoints_report(tmp_path):
 
 def test_evaluate_cli_rejects_missing_checkpoints(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sandbox_env.evaluate", f"out_dir={tmp_path}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode != 0 and "checkpoints must be a non-empty list" in r.stderr
 
 
@@ -105,7 +105,7 @@ def test_evaluate_cli_end_to_end(tmp_path):
                         "tasks=compute", "~tasks.families.dates", "~tasks.families.primes", "~tasks.families.strings",
                         "tasks.splits.heldout=1", "steps_needed=false", "engine.threads=1",
                         f"checkpoints=[{{name: int4, path: {ck['int4']}}}]"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["tasks"] == 1 and report["models"]["int4"]["kind"] == "int4"

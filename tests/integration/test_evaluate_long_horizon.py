@@ -11,9 +11,19 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.local_policy import InferenceEngine, LocalModelPolicy, tiny_model_and_tokenizer
+from sandbox_env.local_policy import (
+    InferenceEngine,
+    LocalModelPolicy,
+    tiny_model_and_tokenizer,
+)
 from sandbox_env.policies import AssistantStep, EpisodeState, ToolCall
-from sandbox_env.rollout import HIDDEN_PLACEHOLDER, Budgets, TokenCounter, ToolEnv, run_episode
+from sandbox_env.rollout import (
+    HIDDEN_PLACEHOLDER,
+    Budgets,
+    TokenCounter,
+    ToolEnv,
+    run_episode,
+)
 from sandbox_env.tasks import get_family
 from train.models import set_experts_implementation
 

@@ -11,8 +11,13 @@ from data.render import get_renderer
 from data.testing import make_records
 from sandbox_env.evaluate import _checkpoints
 from sandbox_env.local_policy import tiny_model_and_tokenizer
-from sandbox_env.metrics import (family_rows, markdown_table, summarize_episodes, teacher_forced_divergence,
-                                 wilson_interval)
+from sandbox_env.metrics import (
+    family_rows,
+    markdown_table,
+    summarize_episodes,
+    teacher_forced_divergence,
+    wilson_interval,
+)
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,12 @@ import torch
 
 from data.render import get_renderer
 from sandbox_env.heavy import answer_key, majority_vote, run_heavy
-from sandbox_env.local_policy import InferenceEngine, LocalModelPolicy, SamplingConfig, tiny_model_and_tokenizer
+from sandbox_env.local_policy import (
+    InferenceEngine,
+    LocalModelPolicy,
+    SamplingConfig,
+    tiny_model_and_tokenizer,
+)
 from sandbox_env.policies import AssistantStep, EpisodeState
 from sandbox_env.rollout import Budgets, TokenCounter, ToolEnv
 from sandbox_env.tasks import get_family

@@ -27,7 +27,14 @@ from sandbox_env.local_policy import (
     tiny_model_and_tokenizer,
 )
 from sandbox_env.policies import AssistantStep, EpisodeState, ToolCall
-from sandbox_env.rollout import HIDDEN_PLACEHOLDER, SYSTEM_PROMPT, Budgets, TokenCounter, ToolEnv, run_episode
+from sandbox_env.rollout import (
+    HIDDEN_PLACEHOLDER,
+    SYSTEM_PROMPT,
+    Budgets,
+    TokenCounter,
+    ToolEnv,
+    run_episode,
+)
 from sandbox_env.tasks import get_family
 
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (contention)
@@ -66,7 +73,7 @@ PY_TOOL = ToolEnv(tools=("python",))
 
 
 def test_kv_cache_decoding_equals_recompute_including_after_context_management(tiny):
-    model, tok, r = tiny
+    model, _tok, r = tiny
     eng = InferenceEngine(model, r)
     tools = [{"type": "function", "function": {"name": "python", "parameters": {"type": "object", "properties": {}}}}]
     msgs = _conversation(3)
@@ -92,7 +99,7 @@ def test_kv_cache_decoding_equals_recompute_including_after_context_management(t
 
 
 def test_batched_decoding_equals_unbatched_and_threads_share_forwards(tiny):
-    model, tok, r = tiny
+    model, _tok, r = tiny
     prompts = [r.render_prompt(_conversation(n)[: 2 + 2 * n], None) for n in (0, 1, 2, 3)]
     alone = [InferenceEngine(model, r).generate([Request(p, max_new_tokens=16)])[0].token_ids for p in prompts]
     eng = InferenceEngine(model, r, max_batch_size=8)
@@ -117,7 +124,7 @@ def test_batched_decoding_equals_unbatched_and_threads_share_forwards(tiny):
 
 
 def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
-    model, tok, r = tiny
+    model, _tok, r = tiny
     eng = InferenceEngine(model, r)
     think, end_think = eng.think_open_id, eng.think_close_id
     p = r.render_prompt(_conversation(0), None)
@@ -130,7 +137,7 @@ def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
 
 
 def test_sampling_is_seeded(tiny):
-    model, tok, r = tiny
+    model, _tok, r = tiny
     eng = InferenceEngine(model, r)
     p = r.render_prompt(_conversation(1), None)
     a, b, c = eng.generate([Request(p, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=s) for s in (1, 1, 2)])
@@ -223,7 +230,7 @@ def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny, tmp_path):
     from qat import QuantConfig, prepare
     from qat.export import export_int4
 
-    model, tok, r = tiny
+    _model, tok, r = tiny
     q, _ = tiny_model_and_tokenizer(seed=0)
     prepare(q, QuantConfig())
     q.save_pretrained(tmp_path / "fq")
@@ -247,7 +254,7 @@ def test_guided_body_ids_equal_the_training_labels(tiny):
     """The fast path of assistant_body_ids (tiny format) gives exactly the labelled tokens of the training render."""
     from sandbox_env.local_policy import assistant_body_ids
 
-    model, tok, r = tiny
+    _model, _tok, r = tiny
     msgs = _conversation(3)
     step = AssistantStep("think é", "some text", [ToolCall("python", {"code": "print(1)"}, "x1"),
                                                   ToolCall("shell", '{"command": "ls"', "x2")])
