@@ -91,10 +91,21 @@ def test_evaluate_cli_rejects_missing_checkpoints(tmp_path):
     assert r.returncode != 0 and "checkpoints must be a non-empty list" in r.stderr
 
 
-def test_every_eval_config_composes():
-    for p in sorted((ROOT / "conf" / "eval").glob("*.yaml")):
-        cfg = _compose([f"+eval={p.stem}"])
+def test_every_eval_config_composes(tmp_path):
+    """Every shipped conf/eval preset composes with conf/evaluate.yaml and passes the checkpoint checks."""
+    from sandbox_env.evaluate import _checkpoints
+
+    paths = [f"+paths.{k}={tmp_path}" for k in ("bf16", "qat", "int4")]
+    presets = sorted((ROOT / "conf" / "eval").glob("*.yaml"))
+    assert {"quick", "standard"} <= {p.stem for p in presets}
+    for p in presets:
+        text = p.read_text()
+        assert text.startswith("# @package _global_\n#")  # and then says what it runs and how
+        cfg = _compose([f"+eval={p.stem}"] + ([o.replace("+", "", 1) for o in paths] if "paths:" in text else paths))
         assert cfg["budgets"]["max_steps"] >= 1 and cfg["engine"]["max_batch_size"] >= 1
+        if cfg["checkpoints"]:
+            (tmp_path / "config.json").write_text("{}")
+            assert [c["name"] for c in _checkpoints(cfg)][0] == cfg["reference"]
 
 
 def test_evaluate_cli_end_to_end(tmp_path):
