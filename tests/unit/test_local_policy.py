@@ -266,3 +266,27 @@ def test_guided_body_ids_equal_the_training_labels(tiny):
     end = len(labels)
     assert labels[end - len(fast):] == fast and labels[end - len(fast) - 1] == -100
     assert r.parse_assistant(fast)["tool_calls"][0]["function"]["arguments"] == {"code": "print(1)"}
+
+
+def test_policy_with_a_real_chat_template_renderer():
+    """A real model's chat template (Qwen3-style, data.testing.qwen3_style_tokenizer): guided steps go
+    through the training template's labels, the cache is reused across steps, the calls parse back."""
+    from data.testing import qwen3_style_tokenizer
+    from train.models import build_model, load_preset
+
+    tok = qwen3_style_tokenizer(vocab_size=512)
+    r = get_renderer(tok)
+    assert type(r).__name__ == "ChatTemplateRenderer"
+    torch.manual_seed(0)
+    model = build_model(load_preset("tiny_qwen3_moe"), vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                        moe_intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=32, num_experts=4).eval()
+    fam, task = _task()
+    pol = LocalModelPolicy(InferenceEngine(model, r), guide=LoopingCaller(n=2), batched=False)
+    rec = run_episode(task, pol, PY_TOOL, Budgets(max_steps=4), family=fam, token_counter=TokenCounter(tok))
+    m = rec["metadata"]
+    assert m["tool_calls"] == 2 and m["invalid_tool_calls"] == 0 and m["parse_errors"] == 0
+    assert rec["messages"][-1]["content"] == "Answer: 42" and m["reused_tokens"] > 0
+    eng = InferenceEngine(model, r)
+    p = r.render_prompt(rec["messages"][:4], rec["tools"])
+    assert eng.generate([Request(p, max_new_tokens=8)])[0].token_ids == _recompute(model, p, 8, eng.stop_ids)
