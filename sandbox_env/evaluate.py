@@ -129,8 +129,18 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
 
     def one(item):
         _, fam, task = item
-        rec = run_episode(task, policy, env, budgets, family=fam, seed=cfg["seed"], token_counter=counter,
-                          system_prompt=system)
+        try:
+            rec = run_episode(task, policy, env, budgets, family=fam, seed=cfg["seed"], token_counter=counter,
+                              system_prompt=system)
+        except Exception as e:
+            # It counts as a failure (never dropped: that would flatter the success rate) and says why.
+            log.exception("%s: episode %s failed", name, task.id)
+            rec = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": task.prompt}],
+                   "tools": [], "task": task.to_record(),
+                   "verdict": {"correct": False, "answer": None, "reason": f"episode error: {type(e).__name__}: {e}"},
+                   "metadata": {"steps": 0, "tool_calls": 0, "invalid_tool_calls": 0, "generated_tokens": 0,
+                                "budget_exhausted": None, "context_hidden": 0, "family_tag": fam.tag,
+                                "error": f"{type(e).__name__}: {e}"}}
         rec["metadata"]["model"] = name
         return rec
 
@@ -141,7 +151,7 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
         engine.close()
     wall = time.perf_counter() - t0
     st = engine.stats
-    speed = {"wall_s": round(wall, 3), "episodes_per_s": round(len(records) / wall, 4),
+    speed = {"wall_s": round(wall, 3), "episode_errors": sum(1 for r in records if r["metadata"].get("error")), "episodes_per_s": round(len(records) / wall, 4),
              "decode_tokens": st["decode_tokens"], "decode_tokens_per_s": round(st["decode_tokens"] / wall, 2),
              "prefill_tokens": st["prefill_tokens"], "reused_tokens": st["reused_tokens"],
              "forwards": st["forwards"], "forward_s": round(st["forward_s"], 3), "max_batch": st["max_batch"]}

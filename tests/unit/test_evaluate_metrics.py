@@ -80,3 +80,25 @@ def test_checkpoint_list_errors_name_the_setting(tmp_path):
         _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "rtn"}]})
     with pytest.raises(ValueError, match="not a qat.ptq method"):
         _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "gptq"}]})
+
+
+def test_a_failing_episode_counts_as_a_failure_with_its_reason():
+    """A checkpoint whose tokenizer does not fit its model (ids past the embedding) fails every episode;
+    the evaluation goes on and scores them as failures with the error, never dropping them."""
+    from sandbox_env.evaluate import run_model
+    from sandbox_env.local_policy import LoadedModel
+    from sandbox_env.rollout import Budgets, ToolEnv
+    from sandbox_env.tasks import get_family
+    from train.models import build_model, load_preset
+
+    _, tok = tiny_model_and_tokenizer(seed=0)
+    small = build_model(load_preset("tiny_qwen3_moe"), vocab_size=64, hidden_size=64, intermediate_size=128,
+                        moe_intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=32, num_experts=4).eval()
+    fam = get_family("arith")
+    tasks = [("arith", fam, fam.make("heldout", i, 0)) for i in range(2)]
+    cfg = {"engine": {"max_batch_size": 2, "concurrency": 2}, "sampling": {"max_new_tokens": 8}, "seed": 0}
+    records, speed = run_model("broken", LoadedModel(small, tok, "hf", "x"), tasks, ToolEnv(tools=("python",)),
+                               Budgets(max_steps=2), cfg)
+    assert speed["episode_errors"] == 2 and summarize_episodes(records)["success"] == 0.0
+    assert all("episode error: IndexError" in r["verdict"]["reason"] for r in records)
