@@ -61,7 +61,7 @@ def test_fake_quant_matches_reference_exactly(dtype, grid):
 @pytest.mark.parametrize("bits,grid", [(4, "k2"), (4, "full"), (3, "k2"), (2, "k2"), (8, "full")])
 def test_codes_on_grid_and_scales_representable(bits, grid):
     cfg = QuantConfig(bits=bits, grid=grid)
-    w = torch.randn(4, 16, 64) * 3
+    w = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(bits)) * 3
     codes, scale = numerics.quantize_groups(w, cfg)
     assert codes.dtype == torch.int8 and scale.dtype == torch.bfloat16
     assert int(codes.min()) >= cfg.qmin and int(codes.max()) <= cfg.qmax
@@ -89,8 +89,9 @@ def test_straight_through_gradient_is_identity_in_range():
 
 def test_clipped_observer_zeroes_gradient_outside_range_only():
     cfg = QuantConfig(observer="mse")
+    torch.manual_seed(0)
     w = torch.randn(1, 4, 64)
-    w[0, 0, 3] = 25.0  # an outlier the mse search clips
+    w[0, 0, 3] = 5.0  # a moderate outlier: clipping it buys resolution for the other 31 weights
     fq = ExpertWeightFakeQuant(cfg, w, transposed=False)
     assert float(fq.clip_ratio[0, 0, 0]) < 1.0
     wg = w.clone().requires_grad_(True)
