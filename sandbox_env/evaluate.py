@@ -77,7 +77,7 @@ def load_checkpoint(ck: dict[str, Any], cfg: dict[str, Any]):
 
     return load_policy_model(ck["path"], dtype=ck.get("dtype", cfg["engine"].get("dtype")),
                              device=cfg["engine"].get("device", "cpu"), tokenizer_path=ck.get("tokenizer"),
-                             ptq=ck.get("ptq"))
+                             ptq=ck.get("ptq"), ptq_config=ck.get("ptq_config"))
 
 
 def build_tasks(cfg: dict[str, Any], cache_dir: Path) -> tuple[list[tuple[str, Any, Any]], str | None]:
@@ -118,13 +118,13 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
         LocalModelPolicy,
         SamplingConfig,
     )
-    from sandbox_env.rollout import SYSTEM_PROMPT, TokenCounter, run_episode
+    from sandbox_env.rollout import TokenCounter, run_episode
 
     e = cfg["engine"]
     engine = InferenceEngine(loaded.model, get_renderer(loaded.tokenizer), max_batch_size=e["max_batch_size"])
     policy = LocalModelPolicy(engine, name=name, sampling=SamplingConfig(**cfg["sampling"]), tools_enabled=tools_enabled)
     counter = TokenCounter(loaded.tokenizer)
-    system = SYSTEM_PROMPT if tools_enabled else NO_TOOLS_SYSTEM_PROMPT
+    system = None if tools_enabled else NO_TOOLS_SYSTEM_PROMPT  # None: the env's (full or compact) prompt
     t0 = time.perf_counter()
 
     def one(item):
@@ -220,7 +220,7 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     tasks, index_path = build_tasks(cfg, Path(cfg.get("cache_dir") or out / "cache"))
     tools = [t for t in cfg["tools"] if index_path is not None or t not in ("search", "open")]
     sandbox = SandboxConfig(**cfg["sandbox"])
-    env = ToolEnv(sandbox, index_path=index_path, tools=tuple(tools))
+    env = ToolEnv(sandbox, index_path=index_path, tools=tuple(tools), compact=bool(cfg.get("compact_prompt", False)))
     log.info("%d tasks x %d checkpoints", len(tasks), len(cks))
     needed = steps_needed(tasks, env, budgets) if cfg.get("steps_needed", True) else {}
 

@@ -77,7 +77,8 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
-                      tokenizer_path: str | Path | None = None, ptq: str | None = None) -> LoadedModel:
+                      tokenizer_path: str | Path | None = None, ptq: str | None = None,
+                      ptq_config: dict | None = None) -> LoadedModel:
     """Load any checkpoint the project makes as an evaluation model.
 
     - "hf": `AutoModelForCausalLM.from_pretrained`.
@@ -123,7 +124,9 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
 
         if ptq not in METHODS:
             raise ValueError(f"ptq={ptq!r} is not a qat.ptq method; choose one of {list(METHODS)}")
-        apply_ptq(model, ptq)
+        from qat import QuantConfig
+
+        apply_ptq(model, ptq, QuantConfig(**ptq_config) if ptq_config else None)
         kind = f"ptq:{ptq}"
     model.eval()
     tok_dir = Path(tokenizer_path) if tokenizer_path else p

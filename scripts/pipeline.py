@@ -63,7 +63,8 @@ class Pipeline:
         out = self.out / "trajectories"
         self.run("generate", "sandbox_env.generate", [
             f"out_dir={out}", f"tasks={g.tasks}", f"tasks.splits.train={g.train_per_family}",
-            f"tasks.splits.heldout={g.heldout_per_family}", f"workers={g.workers}", *g.overrides,
+            f"tasks.splits.heldout={g.heldout_per_family}", f"workers={g.workers}",
+            f"compact_prompt={str(self.cfg.compact_prompt).lower()}", *g.overrides,
         ], done=out / "summary.json")
         return out
 
@@ -107,7 +108,7 @@ class Pipeline:
                 models.append({"name": f"ptq_rtn_{setting}", "path": str(self.export(f"ptq_rtn_{setting}", bf16, q))})
             else:  # evaluated as fake quant: the QAT checkpoint carries its QuantConfig
                 models.append({"name": f"qat_{setting}", "path": str(qat_ckpt)})
-                models.append({"name": f"ptq_rtn_{setting}", "path": str(bf16), "ptq": {"method": "rtn", **q}})
+                models.append({"name": f"ptq_rtn_{setting}", "path": str(bf16), "ptq": "rtn", "ptq_config": q})
         base = dict(cfg.settings["int4_g32"])
         for method in cfg.ptq:
             if method == "rtn":
@@ -116,14 +117,62 @@ class Pipeline:
                 models.append({"name": "ptq_mse_int4_g32",
                                "path": str(self.export("ptq_mse_int4_g32", bf16, {**base, "observer": "mse"}))})
             else:
-                models.append({"name": f"ptq_{method}", "path": str(bf16), "ptq": {"method": method}})
+                models.append({"name": f"ptq_{method}", "path": str(bf16), "ptq": method})
         (self.out / "models.json").write_text(json.dumps(models, indent=2))
-        self.evaluate(data, models)
+        eval_dir = self.evaluate(data, models)
+        print(f"\n[pipeline] report: {eval_dir / 'report.md'} (plots: {eval_dir}/*.png)\n")
+        print(self.headline(eval_dir))
         print(f"\n[pipeline] finished in {time.perf_counter() - t0:.0f}s; stage times: "
               + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()))
 
-    def evaluate(self, data: Path, models: list[dict]) -> None:
-        print("[pipeline] models to evaluate:\n" + json.dumps(models, indent=2))
+    def evaluate(self, data: Path, models: list[dict]) -> Path:
+        e = self.cfg.evaluate
+        out = self.out / "eval"
+        entries = ", ".join("{" + ", ".join(f"{k}: {_hydra_value(v)}" for k, v in m.items()) + "}" for m in models)
+        self.run("evaluate", "sandbox_env.evaluate", [
+            f"out_dir={out}", f"checkpoints=[{entries}]", "reference=bf16", f"tasks={self.cfg.generate.tasks}",
+            f"tasks.splits.heldout={e.tasks_per_family}", f"compact_prompt={str(self.cfg.compact_prompt).lower()}",
+            f"kl.trajectories={data / 'heldout'}", f"kl.max_records={e.kl_records}",
+            f"tools_disabled={str(e.tools_disabled).lower()}", *e.overrides,
+        ], done=out / "report.json")
+        return out
+
+    def headline(self, eval_dir: Path) -> str:
+        """The one table the pipeline exists to show: success on held-out tasks and agreement with BF16."""
+        report = json.loads((eval_dir / "report.json").read_text())
+        families = sorted({f for m in report["models"].values() for f in m["by_family"]})
+        head = ["model", "kind", "success", *families, "KL vs bf16", "top-1 agr.", "MB on disk"]
+        rows = []
+        for name, m in report["models"].items():
+            kl = m.get("kl_vs_reference", {})
+            rows.append([name, m["kind"], _pct(m["overall"]["success"]),
+                         *[_pct(m["by_family"].get(f, {}).get("success")) for f in families],
+                         f"{kl['kl']:.2e}" if kl else "-", f"{kl['top1_agreement']:.4f}" if kl else "-",
+                         f"{m['size_bytes'] / 2**20:.1f}"])
+            if "no_tools" in m:
+                rows.append([f"{name}/no-tools", m["kind"], _pct(m["no_tools"]["overall"]["success"]),
+                             *[_pct(m["no_tools"]["by_family"].get(f, {}).get("success")) for f in families],
+                             "-", "-", "-"])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        table = "\n".join(lines)
+        (eval_dir / "headline.md").write_text(
+            f"{report['tasks']} held-out tasks per model ({report['split']} split), greedy unless noted; "
+            f"KL and top-1 agreement teacher-forced on held-out teacher trajectories.\n\n{table}\n")
+        return table
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _hydra_value(v) -> str:
+    """A Hydra override literal: strings quoted (paths contain characters the grammar reserves)."""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(v)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
