@@ -56,6 +56,18 @@ def single(traj, tmp_path_factory):
     return out
 
 
+_RUNS: dict[str, Path] = {}  # launch config -> output dir of its uninterrupted run (for the resume test)
+
+
+def _launch(launch_config: str, args: list[str]) -> str:
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"conf/accelerate/{launch_config}.yaml",
+           "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "train", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    return log
+
+
 def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -65,13 +77,10 @@ def _rows(out: Path) -> list[dict]:
     ("zero2", "DeepSpeed ZeRO-2"),
     ("zero3", "DeepSpeed ZeRO-3"),
 ])
-def test_two_processes_match_one(traj, single, tmp_path, launch_config, mode):
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"conf/accelerate/{launch_config}.yaml",
-           "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "train",
-           *_args(traj, tmp_path)]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-4000:]
+def test_two_processes_match_one(traj, single, tmp_path_factory, launch_config, mode):
+    tmp_path = tmp_path_factory.mktemp(launch_config)
+    log = _launch(launch_config, _args(traj, tmp_path))
+    _RUNS[launch_config] = tmp_path
     assert f"2 process(es), {mode}, torch.distributed backend gloo (CPU host: gloo)" in log
 
     ref, got = _rows(single), _rows(tmp_path)
@@ -116,3 +125,18 @@ def test_multinode_launcher_two_nodes_on_localhost(traj, single, tmp_path):
     assert "node 1/2" in out1 and "2 process(es), DeepSpeed ZeRO-3" in r.stdout + r.stderr
     ref, got = _rows(single), _rows(tmp_path)
     assert [abs(a["loss"] - b["loss"]) < LOSS_TOL for a, b in zip(ref, got)] == [True] * 6
+
+
+def test_zero3_stop_and_resume_is_bit_identical(traj, tmp_path):
+    """ZeRO-3 resume (the engine's sharded optimizer state, every rank's RNG, the data position):
+    stopped at step 3 and resumed, it ends bit-identical to the uninterrupted ZeRO-3 run above."""
+    if "zero3" not in _RUNS:
+        pytest.fail("run together with test_two_processes_match_one[zero3] (its uninterrupted run is the reference)")
+    _launch("zero3", _args(traj, tmp_path) + ["stop_at_step=3"])
+    assert (tmp_path / "checkpoints" / "step_000003" / "COMPLETE").exists()
+    log = _launch("zero3", _args(traj, tmp_path) + ["resume=auto"])
+    assert "resumed from" in log and "step_000003" in log
+    name = "checkpoints/step_000006/model.safetensors"
+    a, b = load_file(str(_RUNS["zero3"] / name)), load_file(str(tmp_path / name))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert [r["loss"] for r in _rows(_RUNS["zero3"])] == [r["loss"] for r in _rows(tmp_path)]
