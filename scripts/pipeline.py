@@ -73,7 +73,7 @@ class Pipeline:
         final = self.final_checkpoint(run_dir, stage_cfg.max_steps)
         overrides = [
             f"data.path={data / 'train'}", f"output_dir={run_dir}", "resume=auto",
-            f"model={self.cfg.model}", f"data.seq_len={self.cfg.seq_len}",
+            f"model={self.cfg.model_preset}", f"data.seq_len={self.cfg.seq_len}",
             f"micro_batch_size={self.cfg.micro_batch_size}", f"max_steps={stage_cfg.max_steps}",
             f"optim.lr={stage_cfg.lr}", f"checkpoint.every={max(stage_cfg.max_steps // 4, 1)}",
         ]
