@@ -167,10 +167,12 @@ def _is_root_mode() -> bool:
 @functools.lru_cache(maxsize=8)
 def _interpreter_roots(python: str) -> tuple[str, ...]:
     """Host directories the interpreter needs (its venv and its base install), outside /usr."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    # Compare the paths as given: every venv of one base install resolves to the same binary.
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         prefixes = [sys.prefix, sys.base_prefix]
     else:
-        out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+        # Without -S: site.py is what points sys.prefix at a venv.
+        out = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
                              capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             raise ValueError(f"SandboxConfig.python={python!r} does not run: {out.stderr.strip()[-300:]}")
@@ -223,7 +225,7 @@ def _worker_script(python: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _site_dirs(python: str) -> tuple[str, ...]:
     """The interpreter's site-packages dirs (the worker runs with -S and adds them itself)."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    if os.path.abspath(python) == os.path.abspath(sys.executable):  # as in _interpreter_roots
         path = sys.path
     else:
         out = subprocess.run([python, "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
@@ -254,6 +256,9 @@ def _static_bwrap_args(python: str, tmpfs_bytes: int, root_mode: bool) -> tuple[
     args += ["--perms", "0755", "--dir", "/etc"]
     for f in ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "alternatives"):
         args += ["--ro-bind-try", f"/etc/{f}", f"/etc/{f}"]
+    # The private /tmp goes before the interpreter's binds: bwrap mounts in order, so a tmpfs on /tmp
+    # mounted later would hide an interpreter or venv that lives under /tmp (a checkout in /tmp).
+    args += ["--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
     made: set[str] = set()
     for root in _interpreter_roots(python):
         if root == HOME_IN_SANDBOX or root.startswith(HOME_IN_SANDBOX + "/"):
@@ -273,7 +278,6 @@ def _static_bwrap_args(python: str, tmpfs_bytes: int, root_mode: bool) -> tuple[
     args += ["--perms", "0755", "--dir", os.path.dirname(_WORKER_IN_SANDBOX),
              "--ro-bind", script, _WORKER_IN_SANDBOX + os.path.splitext(script)[1],
              "--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
              "--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm",  # multiprocessing needs it
              "--perms", "1777", "--size", str(tmpfs_bytes), "--tmpfs", HOME_IN_SANDBOX]
     return tuple(args)

@@ -587,3 +587,17 @@ def test_worker_death_between_calls_is_reported_on_the_next():
         assert r.ok and r.state_lost and r.output.startswith("[note: since the previous call, the python worker")
         assert r.output.endswith("False\n")
         assert not s.run_python("1").state_lost  # reported once
+
+
+def test_interpreter_under_tmp_is_visible_inside(tmp_path):
+    # A checkout (and its venv) under /tmp: the sandbox's private /tmp must not hide it.
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    with Sandbox(SandboxConfig(python=str(venv / "bin" / "python"))) as box:
+        r = box.run_python("import sys; print(sys.executable)")
+        assert r.ok, r.output
+        assert r.output.strip() == str(venv / "bin" / "python")
+        assert box.run_shell("echo x > /tmp/scratch && cat /tmp/scratch").output == "x\n"
