@@ -1,15 +1,10 @@
 #!/usr/bin/env bash
-# The main job: sets up the project, then runs the whole pipeline on the tiny default model, on CPU.
-# (Until the pipeline lands, this prints the INT4 fake-quant report of the tiny default model.)
+# The main job: sets up the project (scripts/setup.sh), then runs the whole pipeline on the tiny
+# default MoE on CPU (scripts/pipeline.py, conf/pipeline.yaml): generate trajectories -> train BF16
+# -> QAT fine-tunes -> INT4 export + PTQ baselines -> evaluation -> report. Extra arguments are
+# Hydra overrides: `bash scripts/pipeline.sh out_dir=outputs/p2 bf16.max_steps=200`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-exec .venv/bin/python -c "
-from qat import QuantConfig, prepare, quant_error_stats
-from train.models import build_model, load_preset
-model = build_model(load_preset('tiny_qwen3_moe'))
-print(prepare(model, QuantConfig()).summary())
-for name, s in quant_error_stats(model).items():
-    print(f'{name:45s} SQNR {s[\"sqnr_db\"]:.2f} dB')
-"
+exec .venv/bin/python scripts/pipeline.py "$@"
