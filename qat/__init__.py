@@ -10,7 +10,6 @@
 """
 
 from .config import DEFAULT_TARGETS, QuantConfig, quant_config_from
-from .export import ExportIntegrityError, export_checkpoint_int4, export_int4, verify_export
 from .fake_quant import (
     ExpertWeightFakeQuant,
     PrepareReport,
@@ -21,8 +20,23 @@ from .fake_quant import (
     refresh_observers,
     set_fake_quant,
 )
-from .load import convert_int4, expert_weight_bytes, load_int4, restore_bf16
-from .ptq import apply_ptq
+
+# Export, runtime and PTQ load on first use: `import qat` stays light, and `python -m qat.export`
+# does not find its own module already imported by the package.
+_LAZY = {
+    "ExportIntegrityError": "export", "export_checkpoint_int4": "export", "export_int4": "export",
+    "load_qat_checkpoint": "export", "verify_export": "export",
+    "convert_int4": "load", "expert_weight_bytes": "load", "load_int4": "load", "restore_bf16": "load",
+    "apply_ptq": "ptq",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'qat' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -33,6 +47,7 @@ __all__ = [
     "export_checkpoint_int4",
     "export_int4",
     "load_int4",
+    "load_qat_checkpoint",
     "restore_bf16",
     "verify_export",
     "ExpertWeightFakeQuant",

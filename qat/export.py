@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .fake_quant import ExpertWeightFakeQuant, get_config, iter_quantized
+from .fake_quant import ExpertWeightFakeQuant, get_config, iter_quantized, prepare
 from .int4 import pack_int4
 
 log = logging.getLogger(__name__)
@@ -764,6 +764,25 @@ def _observer_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 QAT_CONFIG_FILE = "qat_config.json"
+
+
+def load_qat_checkpoint(path: str | os.PathLike, dtype: Any = "auto") -> nn.Module:
+    """A training checkpoint with fake quant (config.json + safetensors + qat_config.json), loaded
+    as the fake-quant model training optimised: `prepare` with the saved QuantConfig, then the saved
+    observer state (mse clipping ratios, lsq scales) on top."""
+    from transformers import AutoModelForCausalLM
+
+    src = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
+    prepare(model, QuantConfig.from_dict(json.loads((src / QAT_CONFIG_FILE).read_text())))
+    observers = _observer_state(src)
+    if observers:
+        result = model.load_state_dict(observers, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {str(src)!r}: observer state does not fit the prepared model: "
+                             f"{result.unexpected_keys[:5]}")
+    log.info("QAT checkpoint %s: %d observer tensors restored", src, len(observers))
+    return model
 """A training checkpoint's QuantConfig (QuantConfig.to_dict()); its presence means "export the QAT
 model": the job prepares the model with it and restores the observer state before exporting."""
 
@@ -773,7 +792,6 @@ def export_from_checkpoint(cfg: Any) -> ExportReport:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import quant_config_from
-    from .fake_quant import prepare
 
     cfg = dict(cfg)  # a plain dict or Hydra's DictConfig
     src, dst = cfg.get("input"), cfg.get("output")
@@ -806,18 +824,11 @@ def export_from_checkpoint(cfg: Any) -> ExportReport:
         return export_checkpoint_int4(src, dst, quant_config=quant_config,
                                       dtype=None if dtype == "auto" else dtype,
                                       source="fake_quant" if qat_checkpoint else "rtn_absmax", **common)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
     if qat_checkpoint:
-        prepare(model, quant_config)
-        observers = _observer_state(src)
-        if observers:
-            result = model.load_state_dict(observers, strict=False)
-            if result.unexpected_keys:
-                raise ValueError(f"export: observer state in {src} does not fit the prepared model: "
-                                 f"{result.unexpected_keys[:5]}")
-        log.info("export: QAT checkpoint (%s), %d observer tensors restored", qat_file, len(observers))
+        model = load_qat_checkpoint(src, dtype=dtype)
         quant_config = None
     else:
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
         log.info("export: no %s in %s: round-to-nearest INT4 with %s", QAT_CONFIG_FILE, src, quant_config)
     tokenizer = None
     if any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

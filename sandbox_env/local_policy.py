@@ -105,17 +105,12 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
 
         model = load_int4(str(p), dtype=torch_dtype, device=device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype or "auto").to(device)
         if kind == "fake_quant":
-            from qat import QuantConfig, prepare
+            from qat.export import load_qat_checkpoint
 
-            prepare(model, QuantConfig.from_dict(json.loads((p / "qat_config.json").read_text())))
-            observers = _observer_state(p)
-            if observers:
-                result = model.load_state_dict(observers, strict=False)
-                if result.unexpected_keys:
-                    raise ValueError(f"checkpoint {str(p)!r}: observer state does not fit the prepared model: "
-                                     f"{result.unexpected_keys[:5]}")
+            model = load_qat_checkpoint(p, dtype=torch_dtype or "auto").to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype or "auto").to(device)
     if ptq:
         if kind != "hf":
             raise ValueError(f"ptq={ptq!r} applies to a dense HF checkpoint, but {str(p)!r} is a {kind} checkpoint; "
@@ -134,19 +129,6 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
         raise ValueError(f"checkpoint {str(p)!r} has no tokenizer files; pass tokenizer_path= (the training "
                          "run's tokenizer dir)")
     return LoadedModel(model, load_tokenizer(tok_dir), kind, str(p))
-
-
-def _observer_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Fake-quant observer tensors saved with a training checkpoint (qat_state.safetensors)."""
-    from safetensors import safe_open
-
-    state = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
-                if ".weight_fake_quant." in key:
-                    state[key] = sf.get_tensor(key)
-    return state
 
 
 def checkpoint_bytes(path: str | Path) -> int:

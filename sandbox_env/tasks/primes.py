@@ -34,30 +34,6 @@ def _primes() -> list[int]:
     return [i for i, isp in enumerate(_sieve()) if isp]
 
 
-def _is_prime(n: int) -> bool:
-    """Deterministic Miller-Rabin for n < 3.3e24."""
-    if n < 2:
-        return False
-    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
-    for p in small:
-        if n % p == 0:
-            return n == p
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for a in small:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
 _MR_CODE = """def is_prime(n):
     if n < 2:
         return False
@@ -80,6 +56,12 @@ _MR_CODE = """def is_prime(n):
             return False
     return True
 """
+
+# The reference answers use the very code the teacher runs in the sandbox (one source, not two
+# copies that could drift): deterministic Miller-Rabin for n < 3.3e24.
+_namespace: dict = {}
+exec(_MR_CODE, _namespace)
+_is_prime = _namespace["is_prime"]
 
 _SIEVE_CODE = """def sieve(limit):
     s = bytearray([1]) * limit
