@@ -14,6 +14,8 @@ in another order).
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,12 +58,20 @@ def single(traj, tmp_path_factory):
     return out
 
 
+def _free_port() -> str:
+    # A port nobody listens on now: a fixed one collides with another suite running on the same
+    # host (a rank then joins the other job's rendezvous and both hang).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 _RUNS: dict[str, Path] = {}  # launch config -> output dir of its uninterrupted run (for the resume test)
 
 
 def _launch(launch_config: str, args: list[str]) -> str:
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"conf/accelerate/{launch_config}.yaml",
-           "--num_processes", "2", "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "train", *args]
+           "--num_processes", "2", "--main_process_port", _free_port(), "-m", "train", *args]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
@@ -109,18 +119,24 @@ def test_multinode_launcher_two_nodes_on_localhost(traj, single, tmp_path):
     """scripts/launch_multinode.sh as two 'nodes' of one process each on this host (ZeRO-3 config,
     static rendezvous): the ranks meet, share one run dir, and train what one process trains."""
     args = [a for a in _args(traj, tmp_path) if not a.startswith("output_dir=")]
-    port = str(29700 + os.getpid() % 200)
+    port = _free_port()
     env = {**ENV, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GPUS_PER_NODE": "1",
            "RUN_DIR": str(tmp_path), "PYTHON": sys.executable}
     cmd = ["bash", "scripts/launch_multinode.sh", *args]
+    # Each node in its own session, so that a failure kills the whole tree (launcher, torchrun, ranks).
     node1 = subprocess.Popen(cmd, cwd=ROOT, env={**env, "NODE_RANK": "1"}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    node0 = subprocess.Popen(cmd, cwd=ROOT, env={**env, "NODE_RANK": "0"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env={**env, "NODE_RANK": "0"}, capture_output=True, text=True, timeout=600)
+        out0, _ = node0.communicate(timeout=400)
         out1, _ = node1.communicate(timeout=120)
     finally:
-        if node1.poll() is None:
-            node1.kill()
+        for node in (node0, node1):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    r = subprocess.CompletedProcess(cmd, node0.returncode, out0, "")
     assert r.returncode == 0 and node1.returncode == 0, (r.stdout + r.stderr)[-3000:] + out1[-2000:]
     assert "node 1/2" in out1 and "2 process(es), DeepSpeed ZeRO-3" in r.stdout + r.stderr
     ref, got = _rows(single), _rows(tmp_path)
