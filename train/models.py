@@ -57,18 +57,15 @@ def load_preset(name: str, **config_overrides: Any) -> dict:
 
 
 def _as_dict(cfg: Any) -> dict:
-    if isinstance(cfg, Mapping):
-        out = dict(cfg)
-    else:
-        try:
-            from omegaconf import DictConfig, OmegaConf
+    """A plain, deep copy of the preset (a DictConfig is a Mapping too, but its nested ListConfigs
+    must not reach transformers' config classes)."""
+    from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(cfg, DictConfig):
-                return OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
-        raise TypeError(f"model config must be a mapping (conf/model/*.yaml content), got {type(cfg).__name__}")
-    return out
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"model config must be a mapping (conf/model/*.yaml content), got {type(cfg).__name__}")
 
 
 def _hf_config(family: str, path: str | None, overrides: Mapping[str, Any]):
