@@ -24,8 +24,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.schema import write_jsonl
-from data.testing import make_records
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +38,6 @@ def _args(traj, out, grad_accum_steps=2):
     return ["experiment=tiny_cpu_smoke", f"grad_accum_steps={grad_accum_steps}", f"data.path={traj}", f"output_dir={out}", "threads=1", "progress_bar=false",
             "max_steps=6", "micro_batch_size=1", "qat.start_step=2", "qat.log_every=3", "checkpoint.every=0",
             "eval.every=3"]
-
-
-@pytest.fixture(scope="module")
-def traj(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "traj.jsonl"
-    write_jsonl(make_records(60), path)
-    return path
 
 
 @pytest.fixture(scope="module")

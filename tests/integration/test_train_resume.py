@@ -16,8 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.schema import write_jsonl
-from data.testing import make_records
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +48,6 @@ def _assert_identical(a: dict, b: dict):
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
-
-
-@pytest.fixture(scope="module")
-def traj(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "traj.jsonl"
-    write_jsonl(make_records(60), path)
-    return path
 
 
 @pytest.fixture(scope="module")
