@@ -108,8 +108,16 @@ def train_tokenizer(records_or_texts: Iterable, vocab_size: int = 2048, min_freq
         raise ValueError(f"train_tokenizer: vocab_size={vocab_size} is below {floor} (256 bytes + "
                          f"{len(SPECIAL_TOKENS)} special tokens + 1 merge); use vocab_size >= {floor}")
     tk = Tokenizer(models.BPE())
-    # add_prefix_space=False and no normalizer: the text is not altered, so decode(encode(x)) == x
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # add_prefix_space=False and no normalizer: the text is not altered, so decode(encode(x)) == x.
+    # Every digit is a token of its own (as in Llama 3 / Qwen tokenizers): a number then has one
+    # tokenization wherever it appears (" 1729" in a question, "(1729" in code, "1729\n" in a tool
+    # result), so copying it between question, code and tool output is a plain token copy. With
+    # merged digit chunks the tiny model had to learn that "Ġ1 72 9" and "17 29" are one number,
+    # and after 1.6M training tokens it still miscopied numbers into its code.
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

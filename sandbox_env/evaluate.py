@@ -66,10 +66,23 @@ def _checkpoints(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 raise ValueError(f"checkpoints[{i}].ptq={c['ptq']!r} needs a dense HF checkpoint (the BF16 model the "
                                  f"baseline quantizes), but path={c['path']!r} is a {kind} checkpoint")
         names.add(c["name"])
+    for key, which in (("tools_disabled", cfg.get("tools_disabled")), ("sampled.models", (cfg.get("sampled") or {}).get("models"))):
+        if isinstance(which, (list, tuple)) and set(which) - names:
+            raise ValueError(f"{key}={list(which)} names {sorted(set(which) - names)}, which are not checkpoint names "
+                             f"{sorted(names)}")
     ref = cfg.get("reference")
     if ref is not None and ref not in names:
         raise ValueError(f"reference={ref!r} is not one of the checkpoint names {sorted(names)}")
     return [dict(c) for c in cks]
+
+
+def _selected(which: Any, name: str) -> bool:
+    """A per-model switch: true / false, null (= every model), or a list of checkpoint names."""
+    if which is None:
+        return True
+    if isinstance(which, bool):
+        return which
+    return name in which
 
 
 def load_checkpoint(ck: dict[str, Any], cfg: dict[str, Any]):
@@ -158,6 +171,32 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
     return records, speed
 
 
+def run_sampled(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any],
+                all_records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The same tasks again with temperature > 0, once per seed in `sampled.seeds` (episode and
+    sampling seeds both change; the tasks do not). Greedy decoding shows one path per task; a
+    quantized model can match it there and still drift once sampling leaves that path."""
+    from sandbox_env.metrics import group_by_family, summarize_episodes
+
+    smp = cfg["sampled"]
+    seeds = [int(x) for x in smp["seeds"]]
+    temperature = float(smp.get("temperature", 0.7))
+    if temperature <= 0:
+        raise ValueError(f"sampled.temperature={temperature} must be > 0 (greedy is the main run)")
+    per_seed, fam_hits = [], {}
+    for sd in seeds:
+        scfg = dict(cfg, seed=sd, sampling=dict(cfg["sampling"], temperature=temperature))
+        recs, _ = run_model(f"{name}/t{temperature:g}-s{sd}", loaded, tasks, env, budgets, scfg)
+        all_records[f"{name}/t{temperature:g}-s{sd}"] = recs
+        per_seed.append(summarize_episodes(recs)["success"])
+        for f, r in group_by_family(recs).items():
+            fam_hits.setdefault(f, []).append(summarize_episodes(r)["success"])
+    mean = sum(per_seed) / len(per_seed)
+    std = (sum((x - mean) ** 2 for x in per_seed) / max(len(per_seed) - 1, 1)) ** 0.5
+    return {"temperature": temperature, "seeds": seeds, "success_per_seed": per_seed, "success_mean": mean,
+            "success_std": std, "by_family": {f: sum(v) / len(v) for f, v in fam_hits.items()}}
+
+
 def run_heavy_suite(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any]) -> dict[str, Any]:
     from data.render import get_renderer
     from sandbox_env.heavy import run_heavy
@@ -237,12 +276,15 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
         m = {"path": str(ck["path"]), "kind": loaded.kind, "size_bytes": checkpoint_bytes(ck["path"]), "speed": speed,
              "overall": summarize_episodes(records),
              "by_family": {f: summarize_episodes(r) for f, r in group_by_family(records).items()}}
-        if cfg.get("tools_disabled"):
+        if _selected(cfg.get("tools_disabled") or False, name):
             env0 = ToolEnv(sandbox, tools=())
             rec0, sp0 = run_model(f"{name}/no-tools", loaded, tasks, env0, budgets, cfg, tools_enabled=False)
             all_records[f"{name}/no-tools"] = rec0
             m["no_tools"] = {"overall": summarize_episodes(rec0), "speed": sp0,
                              "by_family": {f: summarize_episodes(r) for f, r in group_by_family(rec0).items()}}
+        smp = cfg.get("sampled") or {}
+        if smp.get("seeds") and _selected(smp.get("models", True), name):
+            m["sampled"] = run_sampled(name, loaded, tasks, env, budgets, cfg, all_records)
         if cfg["heavy"].get("n", 0) > 0:
             m["heavy"] = run_heavy_suite(name, loaded, tasks, env, budgets, cfg)
         report["models"][name] = m
@@ -317,6 +359,12 @@ def write_report(report: dict[str, Any], all_records: dict[str, list[dict[str, A
                              [[n, m["kind"], round(m["size_bytes"] / 2**20, 3), m["speed"]["episodes_per_s"],
                                m["speed"]["decode_tokens_per_s"], m["speed"]["prefill_tokens"],
                                m["speed"]["reused_tokens"], m["speed"]["max_batch"]] for n, m in models.items()]) + "\n")
+    sampled = {n: m["sampled"] for n, m in models.items() if "sampled" in m}
+    if sampled:
+        md.append("## Sampled (temperature > 0, several seeds)\n")
+        md.append(markdown_table(("model", "temperature", "seeds", "success per seed", "mean", "std"),
+                                 [[n, d["temperature"], len(d["seeds"]), " / ".join(f"{x:.3f}" for x in d["success_per_seed"]),
+                                   round(d["success_mean"], 4), round(d["success_std"], 4)] for n, d in sampled.items()]) + "\n")
     heavy = {n: m["heavy"] for n, m in models.items() if "heavy" in m}
     if heavy:
         md.append("## Heavy mode\n")

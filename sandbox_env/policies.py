@@ -81,11 +81,20 @@ class ScriptedTeacher:
     back. Deterministic given the task and the episode seed."""
 
     name = "scripted"
+    STYLES = ("full", "brief")
 
-    def __init__(self, mistake_rate: float = 0.0):
+    def __init__(self, mistake_rate: float = 0.0, style: str = "full"):
+        """`style`: "full" thinks in whole paragraphs and explains the final answer; "brief" keeps
+        only the first sentence of each thought (which names what the step does, with the values it
+        copies) and ends with the bare `Answer:` line. The calls and answers are the same; brief
+        trajectories have about half the assistant tokens, which is what a tiny model trained on a
+        CPU can afford (conf/pipeline.yaml uses it)."""
         if not 0.0 <= mistake_rate <= 1.0:
             raise ValueError(f"policy.mistake_rate must be in [0, 1], got {mistake_rate!r}")
+        if style not in self.STYLES:
+            raise ValueError(f"policy.style must be one of {list(self.STYLES)}, got {style!r}")
         self.mistake_rate = mistake_rate
+        self.style = style
 
     def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], state: EpisodeState) -> AssistantStep:
         gen = state.scratch.get("script")
@@ -95,11 +104,37 @@ class ScriptedTeacher:
             rng = random.Random(f"scripted|{state.task.id}|{state.seed}")
             gen = state.family.script(state.task, ScriptContext(rng, self.mistake_rate, state.notes, tools))
             state.scratch["script"] = gen
-            return next(gen)
+            return self._styled(next(gen))
         try:
-            return gen.send(_tool_results_since_last_assistant(messages))
+            return self._styled(gen.send(_tool_results_since_last_assistant(messages)))
         except StopIteration:
             raise RuntimeError(f"the scripted teacher of {state.family.tag!r} ended without a final answer") from None
+
+    def _styled(self, step: AssistantStep) -> AssistantStep:
+        if self.style == "full":
+            return step
+        thinking = _first_sentence(step.reasoning_content)
+        content = step.content
+        if not step.tool_calls:  # the final answer: just its `Answer:` line
+            answer = [ln for ln in content.splitlines() if ln.startswith("Answer:")]
+            content = answer[-1] if answer else content
+        return AssistantStep(thinking, content, step.tool_calls)
+
+
+# A sentence ends at . or ? followed by whitespace, outside quotes ("... at 1.5 ..." or a quoted
+# document sentence do not end it).
+_SENTENCE_END = re.compile(r'[.?](?=\s|$)')
+
+
+def _first_sentence(text: str) -> str:
+    text = (text or "").strip()
+    in_quote = False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            in_quote = not in_quote
+        elif not in_quote and _SENTENCE_END.match(text, i):
+            return text[: i + 1]
+    return text
 
 
 _THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)

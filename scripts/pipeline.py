@@ -64,7 +64,7 @@ class Pipeline:
         self.run("generate", "sandbox_env.generate", [
             f"out_dir={out}", f"tasks={g.tasks}", f"tasks.splits.train={g.train_per_family}",
             f"tasks.splits.heldout={g.heldout_per_family}", f"workers={g.workers}",
-            f"compact_prompt={str(self.cfg.compact_prompt).lower()}", *g.overrides,
+            f"compact_prompt={str(self.cfg.compact_prompt).lower()}", f"policy.style={g.style}", *g.overrides,
         ], done=out / "summary.json")
         return out
 
@@ -128,12 +128,20 @@ class Pipeline:
     def evaluate(self, data: Path, models: list[dict]) -> Path:
         e = self.cfg.evaluate
         out = self.out / "eval"
+        names = {m["name"] for m in models}
+
+        def only_ours(which):  # a list of names keeps those this run has (the sweep may leave some out)
+            which = _plain(which)
+            return [n for n in which if n in names] if isinstance(which, list) else which
+
         entries = ", ".join("{" + ", ".join(f"{k}: {_hydra_value(v)}" for k, v in m.items()) + "}" for m in models)
         self.run("evaluate", "sandbox_env.evaluate", [
             f"out_dir={out}", f"checkpoints=[{entries}]", "reference=bf16", f"tasks={self.cfg.generate.tasks}",
             f"tasks.splits.heldout={e.tasks_per_family}", f"compact_prompt={str(self.cfg.compact_prompt).lower()}",
             f"kl.trajectories={data / 'heldout'}", f"kl.max_records={e.kl_records}",
-            f"tools_disabled={str(e.tools_disabled).lower()}", *e.overrides,
+            f"tools_disabled={_hydra_value(only_ours(e.tools_disabled))}",
+            f"sampled.seeds={_hydra_value(_plain(e.sampled.seeds))}", f"sampled.temperature={e.sampled.temperature}",
+            f"sampled.models={_hydra_value(only_ours(e.sampled.models))}", *e.overrides,
         ], done=out / "report.json")
         return out
 
@@ -141,18 +149,22 @@ class Pipeline:
         """The one table the pipeline exists to show: success on held-out tasks and agreement with BF16."""
         report = json.loads((eval_dir / "report.json").read_text())
         families = sorted({f for m in report["models"].values() for f in m["by_family"]})
-        head = ["model", "kind", "success", *families, "KL vs bf16", "top-1 agr.", "MB on disk"]
+        smp = next((m["sampled"] for m in report["models"].values() if "sampled" in m), None)
+        smp_head = [f"sampled T={smp['temperature']:g} ({len(smp['seeds'])} seeds)"] if smp else []
+        head = ["model", "kind", "success", *families, *smp_head, "KL vs bf16", "top-1 agr.", "MB on disk"]
         rows = []
         for name, m in report["models"].items():
             kl = m.get("kl_vs_reference", {})
+            s = m.get("sampled")
             rows.append([name, m["kind"], _pct(m["overall"]["success"]),
                          *[_pct(m["by_family"].get(f, {}).get("success")) for f in families],
+                         *([f"{_pct(s['success_mean'])} ± {100 * s['success_std']:.1f}" if s else "-"] if smp else []),
                          f"{kl['kl']:.2e}" if kl else "-", f"{kl['top1_agreement']:.4f}" if kl else "-",
                          f"{m['size_bytes'] / 2**20:.1f}"])
             if "no_tools" in m:
                 rows.append([f"{name}/no-tools", m["kind"], _pct(m["no_tools"]["overall"]["success"]),
                              *[_pct(m["no_tools"]["by_family"].get(f, {}).get("success")) for f in families],
-                             "-", "-", "-"])
+                             *(["-"] if smp else []), "-", "-", "-"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
         table = "\n".join(lines)
@@ -166,12 +178,23 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _plain(v):
+    """A config node as plain Python (lists, dicts, scalars)."""
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
 def _hydra_value(v) -> str:
     """A Hydra override literal: strings quoted (paths contain characters the grammar reserves)."""
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_hydra_value(x) for x in v) + "]"
     if isinstance(v, str):
         return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
     return str(v)
 
 

@@ -54,7 +54,7 @@ def test_evaluate_three_checkpoints_report(tmp_path):
         (f"checkpoints=[{{name: bf16, path: {ck['bf16']}}}, {{name: qat_fq, path: {ck['fq']}}}, "
          f"{{name: qat_int4, path: {ck['int4']}}}, {{name: ptq_rtn, path: {ck['bf16']}, ptq: rtn}}]"),
         "reference=bf16", "tools_disabled=true", "heavy.n=2", "budgets.max_steps=3", "sampling.max_new_tokens=32",
-        "engine.threads=1",
+        "engine.threads=1", "sampled.seeds=[1,2]",
     ])
     report = evaluate(cfg)
     for f in ("report.md", "report.json", "success_by_model.png", "success_by_steps.png", "kl_per_layer.png",
@@ -83,6 +83,11 @@ def test_evaluate_three_checkpoints_report(tmp_path):
     assert models["qat_int4"]["size_bytes"] < models["bf16"]["size_bytes"]
     assert all(m["speed"]["decode_tokens_per_s"] > 0 for m in models.values())
     assert models["bf16"]["heavy"]["n"] == 2
+    # success under sampling: every model once per seed, the same tasks
+    assert "Sampled (temperature > 0" in md
+    for n, m in models.items():
+        assert m["sampled"]["seeds"] == [1, 2] and len(m["sampled"]["success_per_seed"]) == 2
+        assert report["overall"][f"{n}/t0.7-s1"]["episodes"] == report["overall"][f"{n}/t0.7-s2"]["episodes"] == n_tasks
 
 
 def test_evaluate_cli_rejects_missing_checkpoints(tmp_path):
@@ -155,9 +160,23 @@ def test_a_model_that_solves_its_task_scores_and_needs_its_tools(tmp_path):
     cfg = _compose([f"out_dir={out}", "tasks=compute", "~tasks.families.dates", "~tasks.families.primes",
                     "~tasks.families.strings", "tasks.splits.heldout=1", "tools=[python]", "tools_disabled=true",
                     "sampling.max_new_tokens=512", "budgets.max_steps=4", "engine.threads=1", "steps_needed=false",
+                    "sampled.seeds=[3]", "sampled.temperature=0.3",
                     f"checkpoints=[{{name: solver, path: {tmp_path / 'solver'}}}]"])
     report = evaluate(cfg)
     m = report["models"]["solver"]
     assert m["overall"]["success"] == 1.0 and m["overall"]["avg_tool_calls"] == 1.0, m["overall"]
     assert m["no_tools"]["overall"]["success"] == 0.0
+    assert m["sampled"]["success_per_seed"] == [1.0]  # it learned the solution, not just one greedy path
     assert "| solver | 1 | 1 |" in (out / "report.md").read_text()
+
+
+def test_per_model_switches_name_real_checkpoints(tmp_path):
+    from sandbox_env.evaluate import _checkpoints, _selected
+
+    cks = [{"name": "bf16", "path": str(tmp_path)}, {"name": "int4", "path": str(tmp_path)}]
+    assert len(_checkpoints({"checkpoints": cks, "tools_disabled": ["bf16"], "sampled": {"models": None}})) == 2
+    with pytest.raises(ValueError, match=r"tools_disabled=\['bf16', 'nope'\] names \['nope'\]"):
+        _checkpoints({"checkpoints": cks, "tools_disabled": ["bf16", "nope"]})
+    with pytest.raises(ValueError, match=r"sampled.models=\['x'\]"):
+        _checkpoints({"checkpoints": cks, "sampled": {"models": ["x"]}})
+    assert [_selected(w, "bf16") for w in (True, False, None, ["bf16"], ["int4"])] == [True, False, True, True, False]

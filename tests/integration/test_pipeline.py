@@ -42,6 +42,7 @@ def test_pipeline_small_end_to_end(tmp_path):
     heldout = read_trajectories(out / "trajectories" / "heldout")
     assert train and heldout
     assert {r["task"]["id"] for r in train}.isdisjoint({r["task"]["id"] for r in heldout})
+    assert all(r["messages"][-1]["content"].startswith("Answer: ") for r in train)  # style=brief: the bare answer line
 
     # checkpoints: BF16 and one QAT run per setting, each complete
     bf16 = out / "runs" / "bf16" / "checkpoints" / "step_000004"
@@ -78,9 +79,13 @@ def test_pipeline_small_end_to_end(tmp_path):
         kl = report["models"][name]["kl_vs_reference"]
         assert kl["tokens"] > 0 and kl["kl"] >= 0.0 and 0.0 <= kl["top1_agreement"] <= 1.0
     assert "no_tools" in report["models"]["bf16"]
+    # success under sampling, several seeds, for the models conf/pipeline.yaml names (that this run has)
+    for name in ("bf16", "qat_int4_g32", "ptq_rtn_int4_g32"):
+        assert report["models"][name]["sampled"]["seeds"] == [1, 2]
+    assert "sampled" not in report["models"]["qat_int2_g32"]
     assert (out / "eval" / "report.md").exists() and list((out / "eval").glob("*.png"))
     headline = (out / "eval" / "headline.md").read_text()
-    assert "| qat_int4_g32 | int4 |" in headline and "bf16/no-tools" in headline
+    assert "| qat_int4_g32 | int4 |" in headline and "bf16/no-tools" in headline and "sampled T=0.7 (2 seeds)" in headline
     assert "| model | kind | success |" in proc.stdout
 
     # a rerun skips every stage

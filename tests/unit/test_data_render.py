@@ -163,6 +163,20 @@ def test_tokenizer_round_trips_bytes_and_saves(tiny, tmp_path):
         get_renderer(tiny).render_prompt(rec["messages"][:2], rec["tools"])
 
 
+def test_tokenizer_gives_each_digit_its_own_token(tiny):
+    """A number is tokenized the same wherever it stands (after a space, a bracket, at a line
+    start), so the model copies it from question to code to answer token for token."""
+    def digits(text, number):
+        toks = tiny.convert_ids_to_tokens(tiny(text, add_special_tokens=False)["input_ids"])
+        i = next(k for k, t in enumerate(toks) if t == number[0])
+        return toks[i:i + len(number)]
+
+    for text in ["from 1729 to", "date(1729, 2)", "x=1729\n", "(1729)", "page 1729."]:
+        assert digits(text, "1729") == list("1729"), text
+    assert all(len(t) == 1 for t in tiny.convert_ids_to_tokens(tiny("0123456789 99 100000", add_special_tokens=False)["input_ids"])
+               if any(c.isdigit() for c in t))
+
+
 def test_train_tokenizer_rejects_small_vocab():
     from data.tokenizer import train_tokenizer
 

@@ -57,6 +57,43 @@ def test_scripted_teacher_solves_every_family(world, name, kw):
 
 
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
+def test_brief_style_makes_the_same_calls_with_less_text(world, name, kw):
+    """style=brief: the same tool calls and answer as style=full, one sentence of thinking per
+    step, the final message only its `Answer:` line."""
+    fam = family(world, name, kw)
+    for index in range(2):
+        task = fam.make("train", index)
+        full, brief = (run_episode(task, ScriptedTeacher(0.3, style=st), world[1], family=fam, seed=index)
+                       for st in ("full", "brief"))
+        validate_record(brief)
+        assert brief["verdict"]["correct"] and brief["verdict"] == full["verdict"]
+        calls = [[(m["role"], json.dumps(m.get("tool_calls") and [c["function"] for c in m["tool_calls"]]))
+                  for m in r["messages"]] for r in (full, brief)]
+        assert calls[0] == calls[1]
+        for fm, bm in zip(full["messages"], brief["messages"]):
+            if fm["role"] != "assistant":
+                assert fm == bm
+                continue
+            assert bm["reasoning_content"] and fm["reasoning_content"].startswith(bm["reasoning_content"])
+            assert bm["reasoning_content"][-1] in ".?" or bm["reasoning_content"] == fm["reasoning_content"]
+        assert brief["messages"][-1]["content"] == full["messages"][-1]["content"].splitlines()[-1]
+        assert brief["messages"][-1]["content"].startswith("Answer: ")
+        assert sum(len(m.get("reasoning_content") or "") for m in brief["messages"]) < \
+            sum(len(m.get("reasoning_content") or "") for m in full["messages"])
+
+
+def test_brief_style_first_sentence_ignores_quoted_and_numeric_stops():
+    from sandbox_env.policies import _first_sentence
+
+    assert _first_sentence('The search lists "1. [doc_id: p-1] A B": id p-1 is "A B". Opening it.') == \
+        'The search lists "1. [doc_id: p-1] A B": id p-1 is "A B".'
+    assert _first_sentence("771! has 3.5 thousand digits. More.") == "771! has 3.5 thousand digits."
+    assert _first_sentence("no stop at all") == "no stop at all"
+    with pytest.raises(ValueError, match="policy.style"):
+        ScriptedTeacher(0.0, style="terse")
+
+
+@pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
 def test_mistakes_are_observed_and_corrected(world, name, kw):
     fam = family(world, name, kw)
     for index in range(3):
