@@ -47,6 +47,9 @@ def test_pipeline_small_end_to_end(tmp_path):
     # checkpoints: BF16 and one QAT run per setting, each complete
     bf16 = out / "runs" / "bf16" / "checkpoints" / "step_000004"
     assert (bf16 / "COMPLETE").exists() and (bf16 / "model.safetensors").exists()
+    # the reference: the QAT stage's schedule without fake quant, from the same BF16 run
+    final = out / "runs" / "bf16_final" / "checkpoints" / "step_000002"
+    assert (final / "COMPLETE").exists() and not (final / "qat_config.json").exists()
     for setting in ("int4_g32", "int2_g32"):
         ckpt = out / "runs" / f"qat_{setting}" / "checkpoints" / "step_000002"
         qcfg = json.loads((ckpt / "qat_config.json").read_text())
@@ -79,6 +82,7 @@ def test_pipeline_small_end_to_end(tmp_path):
         kl = report["models"][name]["kl_vs_reference"]
         assert kl["tokens"] > 0 and kl["kl"] >= 0.0 and 0.0 <= kl["top1_agreement"] <= 1.0
     assert "no_tools" in report["models"]["bf16"]
+    assert report["models"]["bf16"]["path"] == str(final)  # the reference PTQ quantizes and QAT is measured against
     # success under sampling, several seeds, for the models conf/pipeline.yaml names (that this run has)
     for name in ("bf16", "qat_int4_g32", "ptq_rtn_int4_g32"):
         assert report["models"][name]["sampled"]["seeds"] == [1, 2]
@@ -91,5 +95,5 @@ def test_pipeline_small_end_to_end(tmp_path):
     # a rerun skips every stage
     again = _run(out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("skipped") == 7  # generate, 3 trainings, 2 exports, evaluate
+    assert again.stdout.count("skipped") == 8  # generate, 4 trainings, 2 exports, evaluate
     assert "sandbox_env.generate" not in again.stdout.replace("[pipeline] generate: done", "")
