@@ -764,6 +764,8 @@ def _observer_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 QAT_CONFIG_FILE = "qat_config.json"
+"""A training checkpoint's QuantConfig (QuantConfig.to_dict()); its presence means "export the QAT
+model": the job prepares the model with it and restores the observer state before exporting."""
 
 
 def load_qat_checkpoint(path: str | os.PathLike, dtype: Any = "auto") -> nn.Module:
@@ -783,8 +785,6 @@ def load_qat_checkpoint(path: str | os.PathLike, dtype: Any = "auto") -> nn.Modu
                              f"{result.unexpected_keys[:5]}")
     log.info("QAT checkpoint %s: %d observer tensors restored", src, len(observers))
     return model
-"""A training checkpoint's QuantConfig (QuantConfig.to_dict()); its presence means "export the QAT
-model": the job prepares the model with it and restores the observer state before exporting."""
 
 
 def export_from_checkpoint(cfg: Any) -> ExportReport:

@@ -249,8 +249,7 @@ class TrainRecipe:
             from transformers.integrations import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-        # A plain dict: build_model's Mapping path would pass nested ListConfigs (GPT-OSS layer_types) to HF.
-        model = build_model(OmegaConf.to_container(cfg.model, resolve=True), **overrides)
+        model = build_model(cfg.model, **overrides)  # build_model turns the DictConfig into plain dicts/lists
         if cfg.model.path is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
             model.config.eos_token_id = self.tokenizer.eos_token_id
