@@ -628,7 +628,8 @@ def tiny_model_and_tokenizer(seed: int = 0, *, vocab_size: int = 512, layers: in
                              experts: int = 4, dtype: torch.dtype = torch.float32):
     """A randomly initialised tiny Qwen3-MoE (the `tiny_qwen3_moe` preset, shrunk) and the tiny
     K2-style tokenizer trained on data.testing's fixtures: for tests, benchmarks and smoke runs.
-    Expert widths are multiples of 32, so qat.prepare and INT4 export apply."""
+    Expert widths are multiples of 32, so qat.prepare and INT4 export apply. No copy circuit (it needs
+    a hidden size of at least 193: train/copy_circuit.py)."""
     from data.testing import tiny_tokenizer
     from train.models import build_model, load_preset
 
@@ -636,7 +637,7 @@ def tiny_model_and_tokenizer(seed: int = 0, *, vocab_size: int = 512, layers: in
         _TINY_TOKENIZERS[vocab_size] = tiny_tokenizer(vocab_size=vocab_size, n_records=20)
     tok = _TINY_TOKENIZERS[vocab_size]
     torch.manual_seed(seed)
-    model = build_model(load_preset("tiny_qwen3_moe"), vocab_size=len(tok), hidden_size=hidden,
+    model = build_model(dict(load_preset("tiny_qwen3_moe"), copy_circuit=None), vocab_size=len(tok), hidden_size=hidden,
                         intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=experts)
     return model.to(dtype).eval(), tok

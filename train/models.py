@@ -85,6 +85,11 @@ def _hf_config(family: str, path: str | None, overrides: Mapping[str, Any]):
         log.warning("config.json model_type=%r read as family %r", raw.get("model_type"), family)
         raw.pop("auto_map", None)
         config = config_cls.from_dict(raw)
+    changed = {k: (getattr(config, k), v) for k, v in overrides.items()
+               if path is not None and hasattr(config, k) and getattr(config, k) != v}
+    if changed:
+        log.warning("the preset's config overrides change the checkpoint's config.json at %s: %s", path,
+                    ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -94,7 +99,9 @@ def build_model(cfg: Any, **config_overrides: Any) -> torch.nn.Module:
     """Builds the causal LM described by a model preset (see conf/model/*.yaml).
 
     cfg keys: family (one of FAMILIES), path (local HF dir or None), dtype, experts_implementation,
-    config (HF config overrides). Extra keyword arguments override `config` (e.g. vocab_size).
+    config (HF config overrides), copy_circuit (a mapping of `train.copy_circuit.CopyCircuit` fields, or
+    null: installed after random init only; a checkpoint already holds it). Extra keyword arguments
+    override `config` (e.g. vocab_size).
     """
     from transformers import AutoModelForCausalLM
 
@@ -119,8 +126,15 @@ def build_model(cfg: Any, **config_overrides: Any) -> torch.nn.Module:
     kwargs = {"dtype": dtype}
     if impl is not None:
         kwargs["experts_implementation"] = impl
+    circuit = cfg.get("copy_circuit")
+    if circuit is not None and not isinstance(circuit, Mapping):
+        raise ValueError(f"model.copy_circuit must be a mapping of CopyCircuit fields or null, got {circuit!r}")
     if path is None:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
+        if circuit is not None:
+            from train.copy_circuit import CopyCircuit, install_copy_circuit
+
+            install_copy_circuit(model, CopyCircuit.from_config(circuit))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     return model

@@ -92,7 +92,8 @@ def test_a_failing_episode_counts_as_a_failure_with_its_reason():
     from train.models import build_model, load_preset
 
     _, tok = tiny_model_and_tokenizer(seed=0)
-    small = build_model(load_preset("tiny_qwen3_moe"), vocab_size=64, hidden_size=64, intermediate_size=128,
+    small = build_model(dict(load_preset("tiny_qwen3_moe"), copy_circuit=None), vocab_size=64, hidden_size=64,
+                        intermediate_size=128,
                         moe_intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                         head_dim=32, num_experts=4).eval()
     fam = get_family("arith")

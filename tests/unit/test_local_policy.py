@@ -133,7 +133,9 @@ def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
     assert ids[0] == think and end_think not in ids[1:4]  # this random model never closes its thinking itself...
     assert ids[4] == end_think and res.forced_think_close == 1  # ...so the budget closed it after 3 tokens
     assert len(ids) == 12 and end_think not in ids[5:]  # and the model went on decoding the visible part
-    assert len(r.encode_text(r.parse_assistant(ids)["reasoning_content"])) <= 3
+    # the thinking is those 3 tokens' text (compared as text: 3 byte-level tokens may end inside a UTF-8
+    # character, and re-encoding the replacement character would count more tokens)
+    assert r.parse_assistant(ids)["reasoning_content"].strip() == r.decode(ids[1:4]).strip()
 
 
 def test_sampling_is_seeded(tiny):
@@ -278,7 +280,8 @@ def test_policy_with_a_real_chat_template_renderer():
     r = get_renderer(tok)
     assert type(r).__name__ == "ChatTemplateRenderer"
     torch.manual_seed(0)
-    model = build_model(load_preset("tiny_qwen3_moe"), vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+    model = build_model(dict(load_preset("tiny_qwen3_moe"), copy_circuit=None), vocab_size=len(tok), hidden_size=64,
+                        intermediate_size=128,
                         moe_intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                         head_dim=32, num_experts=4).eval()
     fam, task = _task()
