@@ -521,10 +521,12 @@ class TrainRecipe:
         return float(total[0] / total[1].clamp_min(1))
 
     def agentic_eval_hook(self, metrics: dict) -> None:
-        """Extension point for the agentic evaluation (tool-use success rate of the current policy).
+        """Extension point, empty here: a subclass may add in-training numbers to `metrics` every
+        eval.every steps (it runs on every rank; under ZeRO-3 it must gather the parameters).
 
-        Not implemented yet: it waits on `sandbox_env.evaluate` (the evaluation issue). A subclass or
-        a later version runs it here every eval.every steps and adds its numbers to `metrics`.
+        The job itself measures tool-use success offline, not here: `python -m sandbox_env.evaluate
+        'checkpoints=[{name: x, path: <run>/checkpoints/step_N}]'` on saved checkpoints (the pipeline's
+        evaluate stage). Rollouts inside the training loop are not implemented.
         """
 
     def _qat_metrics(self) -> dict:
