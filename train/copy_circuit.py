@@ -142,14 +142,12 @@ def install_copy_circuit(model: torch.nn.Module, spec: CopyCircuit | None = None
     g = torch.Generator().manual_seed(spec.seed)
 
     embed = model.get_input_embeddings().weight
-    dev = embed.device
+    dev, H = embed.device, config.hidden_size
     codes = torch.randn(embed.shape[0], c, generator=g)
     # Unit-variance codes and an O(1) constant dominate the residual (the rest of the embedding keeps its
     # small init), so the circuit's attention patterns do not depend on what other modules add at init.
     embed[:, E] = codes.to(dev, embed.dtype)
-    embed[:, P1] = 0
-    embed[:, P2] = 0
-    embed[:, U] = 0
+    embed[:, c:one] = 0  # P1, P2 and U are written by the heads
     embed[:, one] = math.sqrt(c) / 4
 
     inv_freq = model.model.rotary_emb.inv_freq.float().cpu()
@@ -159,6 +157,7 @@ def install_copy_circuit(model: torch.nn.Module, spec: CopyCircuit | None = None
     R = torch.linalg.qr(torch.randn(c, c, generator=g))[0][:k]      # [k, c]: code -> matched dims
     M = torch.linalg.qr(torch.randn(k, k, generator=g))[0]          # mixes P2 into the same key dims
     content = torch.tensor(list(range(half - k // 2, half)) + list(range(hd - k // 2, hd)))  # lowest frequencies
+    heads = (0, 1)  # the circuit's query heads in layers 0 and 1
 
     def rows(head: int) -> slice:
         return slice(head * hd, (head + 1) * hd)
@@ -166,47 +165,45 @@ def install_copy_circuit(model: torch.nn.Module, spec: CopyCircuit | None = None
     def put(weight: torch.nn.Parameter, value: torch.Tensor, index) -> None:
         weight[index] = value.to(device=dev, dtype=weight.dtype)
 
-    # layer 0: positional heads 0 (offset 1) and 1 (offset 2); key from the constant, value = code
+    def put_kv(attn, key: torch.Tensor, value: torch.Tensor) -> None:
+        for kv in {h // group for h in heads}:  # heads 0 and 1 may share one key/value head
+            put(attn.k_proj.weight, key, rows(kv))
+            put(attn.v_proj.weight, value, rows(kv))
+
+    value = torch.zeros(hd, H)  # both layers' value: the token code
+    value[:c, E] = torch.eye(c)
+
+    # layer 0: positional heads 0 (offset 1, writes P1) and 1 (offset 2, writes P2); key from the constant
     attn = model.model.layers[0].self_attn
-    key = torch.zeros(hd)
-    key[:n] = amp
-    for head, offset in ((0, 1), (1, 2)):
-        kv = rows(head // group)
-        put(attn.k_proj.weight, torch.zeros(hd, config.hidden_size), kv)
-        attn.k_proj.weight[kv.start:kv.stop, one] = key.to(dev, attn.k_proj.weight.dtype)
-        put(attn.v_proj.weight, torch.zeros(hd, config.hidden_size), kv)
-        attn.v_proj.weight[kv.start:kv.start + c, E] = torch.eye(c).to(dev, attn.v_proj.weight.dtype)
-        query = torch.zeros(hd)
-        query[:n] = amp * torch.cos(offset * inv_freq[:n])
-        query[half:half + n] = -amp * torch.sin(offset * inv_freq[:n])
-        q = rows(head)
-        put(attn.q_proj.weight, torch.zeros(hd, config.hidden_size), q)
-        attn.q_proj.weight[q.start:q.stop, one] = query.to(dev, attn.q_proj.weight.dtype)
-        out = torch.zeros(config.hidden_size, hd)
-        out[P1 if offset == 1 else P2, :c] = R
-        put(attn.o_proj.weight, out, (slice(None), q))
+    key = torch.zeros(hd, H)
+    key[:n, one] = amp
+    put_kv(attn, key, value)
+    for head, offset, dest in ((0, 1, P1), (1, 2, P2)):
+        query = torch.zeros(hd, H)
+        query[:n, one] = amp * torch.cos(offset * inv_freq[:n])
+        query[half:half + n, one] = -amp * torch.sin(offset * inv_freq[:n])
+        put(attn.q_proj.weight, query, rows(head))
+        out = torch.zeros(H, hd)
+        out[dest, :c] = R
+        put(attn.o_proj.weight, out, (slice(None), rows(head)))
     for norm in (attn.q_norm, attn.k_norm):
         norm.weight[:n] = spec.position_sharpness
         norm.weight[half:half + n] = spec.position_sharpness
 
-    # layer 1: induction heads 0 (one-token match) and 1 (two-token match); value = code, out to U
+    # layer 1: induction heads 0 (one-token match) and 1 (two-token match); key = P1 + M P2, out to U
     attn = model.model.layers[1].self_attn
-    for head in (0, 1):
-        kv = rows(head // group)
-        kw = torch.zeros(hd, config.hidden_size)
-        kw[content, P1] = torch.eye(k)
-        kw[content, P2] = M
-        put(attn.k_proj.weight, kw, kv)
-        vw = torch.zeros(hd, config.hidden_size)
-        vw[:c, E] = torch.eye(c)
-        put(attn.v_proj.weight, vw, kv)
-        qw = torch.zeros(hd, config.hidden_size)
-        qw[content, E] = R
+    key = torch.zeros(hd, H)
+    key[content, P1] = torch.eye(k)
+    key[content, P2] = M
+    put_kv(attn, key, value)
+    out = torch.zeros(H, hd)
+    out[U, :c] = torch.eye(c)
+    for head in heads:
+        query = torch.zeros(hd, H)
+        query[content, E] = R
         if head == 1:
-            qw[content, P1] = M
-        put(attn.q_proj.weight, qw, rows(head))
-        out = torch.zeros(config.hidden_size, hd)
-        out[U, :c] = torch.eye(c)
+            query[content, P1] = M
+        put(attn.q_proj.weight, query, rows(head))
         put(attn.o_proj.weight, out, (slice(None), rows(head)))
     for norm in (attn.q_norm, attn.k_norm):
         norm.weight[content.to(norm.weight.device)] = spec.match_sharpness

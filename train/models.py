@@ -85,8 +85,8 @@ def _hf_config(family: str, path: str | None, overrides: Mapping[str, Any]):
         log.warning("config.json model_type=%r read as family %r", raw.get("model_type"), family)
         raw.pop("auto_map", None)
         config = config_cls.from_dict(raw)
-    changed = {k: (getattr(config, k), v) for k, v in overrides.items()
-               if path is not None and hasattr(config, k) and getattr(config, k) != v}
+    changed = {} if path is None else {k: (getattr(config, k), v) for k, v in overrides.items()
+                                       if hasattr(config, k) and getattr(config, k) != v}
     if changed:
         log.warning("the preset's config overrides change the checkpoint's config.json at %s: %s", path,
                     ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items())))
