@@ -99,7 +99,7 @@ def build_model(cfg: Any, **config_overrides: Any) -> torch.nn.Module:
     """Builds the causal LM described by a model preset (see conf/model/*.yaml).
 
     cfg keys: family (one of FAMILIES), path (local HF dir or None), dtype, experts_implementation,
-    config (HF config overrides), copy_circuit (a mapping of `train.copy_circuit.CopyCircuit` fields, or
+    config (HF config overrides), upcycle (set when `path` is built by `python -m train.upcycle`), copy_circuit (a mapping of `train.copy_circuit.CopyCircuit` fields, or
     null: installed after random init only; a checkpoint already holds it). Extra keyword arguments
     override `config` (e.g. vocab_size).
     """
@@ -119,6 +119,10 @@ def build_model(cfg: Any, **config_overrides: Any) -> torch.nn.Module:
     if path in ("???", ""):
         raise ValueError(f"model.path is required for the {family} preset: set model.path=/local/hf/checkpoint")
     if path is not None and not os.path.isdir(path):
+        if cfg.get("upcycle") is not None:
+            raise ValueError(f"model.path={path!r} does not exist yet: this preset is built by sparse upcycling; run "
+                             f"`python -m train.upcycle output={path}` (or `bash scripts/pipeline.sh`, whose first stage "
+                             "builds it)")
         raise ValueError(f"model.path={path!r} is not a directory; point it at a local Hugging Face model directory")
     overrides = dict(cfg.get("config") or {}, **config_overrides)
     config = _hf_config(family, path, overrides)

