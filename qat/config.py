@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 GRIDS = ("k2", "full")
-OBSERVERS = ("absmax", "mse", "lsq")
+OBSERVERS = ("absmax", "mse", "lsq", "static")
 KERNELS = ("auto", "eager", "compiled")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -42,7 +42,9 @@ class QuantConfig:
     """dtype the scales are rounded to inside the fake quant: the export's weight_scale dtype."""
     observer: str = "absmax"
     """"absmax": dynamic per forward (K2). "mse": per-group clipping ratio searched to minimise
-    quantization MSE, refreshed by refresh_observers(). "lsq": learned scales (LSQ gradients)."""
+    quantization MSE, refreshed by refresh_observers(). "lsq": learned scales (LSQ gradients).
+    "static": scales held fixed, absmax of the weights at prepare unless set (qat.ptq.set_scales:
+    a PTQ method's own scales, e.g. GPTQ's, so the export writes exactly its codes)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Regexes (re.search) over parameter names; default: routed experts only."""
     kernel: str = "auto"
@@ -112,7 +114,7 @@ class QuantConfig:
 
 
 def quant_config_from(cfg: Mapping[str, Any]) -> QuantConfig:
-    """QuantConfig from a conf/qat/*.yaml mapping (its schedule keys are ignored here)."""
-    schedule_keys = {"enabled", "start_step", "refresh_every", "log_every"}
+    """QuantConfig from a conf/qat/*.yaml mapping (its schedule and init keys are ignored here)."""
+    schedule_keys = {"enabled", "start_step", "refresh_every", "log_every", "init", "init_samples"}
     d = {k: v for k, v in dict(cfg).items() if k not in schedule_keys and v is not None}
     return QuantConfig.from_dict(d)

@@ -37,8 +37,9 @@ class ExpertWeightFakeQuant(nn.Module):
     """Fake quantizer of one expert weight tensor (3D fused experts or a 2D per-expert Linear).
 
     Holds the observer state: nothing for `absmax` (scales from the live weight every forward),
-    per-group clipping ratios for `mse`, learned per-group scales for `lsq`. `transposed` says the
-    storage is input-major ([E, I, O], GPT-OSS); quantization always groups along the input dim.
+    per-group clipping ratios for `mse`, learned per-group scales for `lsq`, fixed per-group scales
+    (a buffer in scale_dtype) for `static`. `transposed` says the storage is input-major
+    ([E, I, O], GPT-OSS); quantization always groups along the input dim.
     """
 
     def __init__(self, cfg: QuantConfig, weight: torch.Tensor, transposed: bool, name: str = ""):
@@ -56,6 +57,8 @@ class ExpertWeightFakeQuant(nn.Module):
         elif cfg.observer == "lsq":
             init = numerics.absmax_scale(w_OI, cfg).float()
             self.scale = nn.Parameter(init.clamp_min(torch.finfo(torch.float32).tiny))
+        elif cfg.observer == "static":
+            self.register_buffer("scale", numerics.absmax_scale(w_OI.detach(), cfg))
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -72,6 +75,8 @@ class ExpertWeightFakeQuant(nn.Module):
             return numerics.absmax_scale(w_OI, cfg)
         if cfg.observer == "mse":
             return numerics.absmax_scale(w_OI, cfg, self.clip_ratio)
+        if cfg.observer == "static":
+            return self.scale
         s = self.scale.abs().clamp_min(torch.finfo(torch.float32).tiny)
         return s + (s.to(cfg.torch_scale_dtype).float() - s).detach()  # round to scale dtype, straight-through
 

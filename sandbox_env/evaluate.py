@@ -20,7 +20,10 @@ success_by_steps.png, kl_per_layer.png.
 
 A checkpoint entry with `ptq: <qat.ptq method>` is a post-training-quantization baseline of a
 dense checkpoint (quantize -> dequantize of the routed experts, in memory); its size on disk is
-that of its dense source.
+that of its dense source. GPTQ needs calibration data, which an entry here does not have (and
+must never be the held-out tasks): `python -m train.ptq` calibrates it on training trajectories
+and writes a checkpoint (INT4 export, or fake-quant weights for INT3/INT2) that is evaluated as
+an ordinary entry, `{name: ptq_gptq, path: <its output>}`.
 """
 
 from __future__ import annotations
@@ -56,9 +59,13 @@ def _checkpoints(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         if not Path(str(c["path"])).is_dir():
             raise ValueError(f"checkpoints[{i}].path={c['path']!r} is not a directory")
         if c.get("ptq"):  # checked before any model runs, not after an hour of episodes
-            from qat.ptq import METHODS
+            from qat.ptq import CALIBRATED_METHODS, METHODS
             from sandbox_env.local_policy import checkpoint_kind
 
+            if c["ptq"] in CALIBRATED_METHODS:
+                raise ValueError(f"checkpoints[{i}].ptq={c['ptq']!r} needs calibration data: run `python -m train.ptq "
+                                 f"input={c['path']} output=<dir> method={c['ptq']} calibration=<training trajectories>` "
+                                 f"and evaluate its output as {{name: {c['name']}, path: <dir>}}")
             if c["ptq"] not in METHODS:
                 raise ValueError(f"checkpoints[{i}].ptq={c['ptq']!r} is not a qat.ptq method; choose one of {list(METHODS)}")
             kind = checkpoint_kind(c["path"])

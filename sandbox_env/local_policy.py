@@ -118,7 +118,8 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
         from qat.ptq import METHODS, apply_ptq
 
         if ptq not in METHODS:
-            raise ValueError(f"ptq={ptq!r} is not a qat.ptq method; choose one of {list(METHODS)}")
+            raise ValueError(f"ptq={ptq!r} is not a calibration-free qat.ptq method; choose one of {list(METHODS)} "
+                             f"(GPTQ: evaluate the checkpoint `python -m train.ptq` writes)")
         from qat import QuantConfig
 
         apply_ptq(model, ptq, QuantConfig(**ptq_config) if ptq_config else None)

@@ -44,6 +44,7 @@ log = logging.getLogger("train")
 
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit")
+QAT_INITS = (None, "gptq")
 IGNORE_INDEX = -100
 
 
@@ -92,6 +93,11 @@ def validate_config(cfg: DictConfig) -> None:
         positive_int("qat.start_step", cfg.qat.start_step, minimum=0)
         positive_int("qat.refresh_every", cfg.qat.refresh_every, minimum=0)
         positive_int("qat.log_every", cfg.qat.log_every, minimum=0)
+        if cfg.qat.get("init") not in QAT_INITS:
+            raise ValueError(f"qat.init={cfg.qat.get('init')!r}: choose one of {QAT_INITS} (null = the model's own "
+                             f"weights; gptq = start from GPTQ calibrated on the training data)")
+        if cfg.qat.get("init") == "gptq":
+            positive_int("qat.init_samples", cfg.qat.get("init_samples"))
 
 
 class TrainRecipe:
@@ -224,6 +230,7 @@ class TrainRecipe:
             common["streaming"] = False
             self.val_loader = build_dataloader(val_records, tokenizer, seed=cfg.seed, shuffle=False, drop_last=False, **common)
         self._batches = iter(self.train_loader)
+        self._train_records = train_records  # None when streamed; qat.init=gptq calibrates on them
         n_train = len(train_records) if train_records is not None else "streamed"
         log.info("data: %s training / %d held-out trajectories from %s, seq_len %d, packing %s",
                  n_train, len(val_records), d.path, d.seq_len, d.packing)
@@ -269,14 +276,41 @@ class TrainRecipe:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.qat_cfg = None
+        self.gptq_report = None
         if cfg.qat.enabled:
             self.qat_cfg = qat.quant_config_from(OmegaConf.to_container(cfg.qat, resolve=True))
+            if cfg.qat.get("init") == "gptq" and self.resume_path is None:  # a resume loads trained weights
+                self.gptq_report = self._gptq_init(model)
             qat.prepare(model, self.qat_cfg)  # logs what it quantized
+            if self.gptq_report is not None and self.qat_cfg.observer in ("static", "lsq"):
+                # QAT starts exactly at the GPTQ solution; the absmax / mse observers re-derive their
+                # scales from the GPTQ weights (the same scale wherever GPTQ's codes reach the grid's end).
+                from qat.ptq import set_scales
+
+                set_scales(model, self.gptq_report.scales)
             qat.set_fake_quant(model, fake_quant_on(0, cfg.qat.start_step))
         self._apply_trainable(model)
         self.model = model
         if self.zero_stage == 3:
             self.deepspeed.set_deepspeed_weakref()
+
+    def _gptq_init(self, model: torch.nn.Module):
+        """qat.init=gptq: GPTQ of the routed experts on qat.init_samples documents of the training split."""
+        from data.schema import iter_trajectories
+        from qat.ptq import apply_ptq
+        from train.ptq import calibration_batches
+
+        cfg = self.cfg
+        n = int(cfg.qat.init_samples)
+        records = self._train_records
+        if records is None:  # streamed: the first records (each gives at least one document)
+            records = itertools.islice(iter_trajectories(str(cfg.data.path)), n)
+        batches = calibration_batches(records, self.tokenizer, num_samples=n, seq_len=cfg.data.seq_len,
+                                      batch_size=cfg.micro_batch_size, seed=cfg.seed)
+        report = apply_ptq(model, "gptq", self.qat_cfg, calibration=batches)
+        log.info("qat.init=gptq: %d calibration tokens, mean weight SQNR %.2f dB, %d expert tensors fell back to RTN",
+                 report.calibration_tokens, report.mean_sqnr_db, len(report.rtn_fallback))
+        return report
 
     def _apply_trainable(self, model: torch.nn.Module) -> None:
         pattern = self.cfg.trainable

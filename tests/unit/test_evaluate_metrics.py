@@ -79,6 +79,8 @@ def test_checkpoint_list_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoints\[0\].ptq='rtn' needs a dense HF checkpoint"):
         _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "rtn"}]})
     with pytest.raises(ValueError, match="not a qat.ptq method"):
+        _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "awq"}]})
+    with pytest.raises(ValueError, match=r"ptq='gptq' needs calibration data: run `python -m train.ptq"):
         _checkpoints({"checkpoints": [{"name": "a", "path": str(tmp_path), "ptq": "gptq"}]})
 
 
