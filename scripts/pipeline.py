@@ -38,9 +38,10 @@ class Pipeline:
         self.timings: dict[str, float] = {}
 
     # --- plumbing -----------------------------------------------------------------------------
-    def run(self, name: str, module: str, overrides: list[str], done: Path | None) -> None:
+    def run(self, name: str, module: str, overrides: list[str], done: Path | None, label: str | None = None) -> None:
         if done is not None and done.exists():
-            print(f"[pipeline] {name}: done ({done.relative_to(self.out)}), skipped", flush=True)
+            where = label or done.relative_to(self.out)
+            print(f"[pipeline] {name}: done ({where}), skipped", flush=True)
             return
         cmd = [self.python, "-m", module, *overrides]
         if self.cfg.threads and module == "train":
@@ -58,6 +59,20 @@ class Pipeline:
         return run_dir / "checkpoints" / f"step_{max_steps:06d}"
 
     # --- stages -------------------------------------------------------------------------------
+    def base(self) -> None:
+        """Builds the preset's pretrained base when the preset is made by sparse upcycling
+        (`upcycle:` in conf/model/<preset>.yaml) and its directory is missing."""
+        from train.models import load_preset
+
+        preset = load_preset(self.cfg.model_preset)
+        if preset.get("upcycle") is None:
+            return
+        path = Path(preset["path"])
+        path = path if path.is_absolute() else ROOT / path
+        self.run("base (upcycle)", "train.upcycle", [f"output={path}", *[f"{k}={_hydra_value(v)}" for k, v in
+                                                                          preset["upcycle"].items()]],
+                 done=path / "upcycle.json", label=str(path))
+
     def generate(self) -> Path:
         g = self.cfg.generate
         out = self.out / "trajectories"
@@ -76,6 +91,7 @@ class Pipeline:
             f"model={self.cfg.model_preset}", f"data.seq_len={self.cfg.seq_len}",
             f"micro_batch_size={self.cfg.micro_batch_size}", f"max_steps={stage_cfg.max_steps}",
             f"optim.lr={stage_cfg.lr}", f"checkpoint.every={max(stage_cfg.max_steps // 4, 1)}",
+            *self.cfg.train_overrides,
         ]
         if init_from is not None:
             overrides.append(f"model.path={init_from}")
@@ -97,6 +113,7 @@ class Pipeline:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.base()
         data = self.generate()
         base = self.train("bf16", data, None, None, cfg.bf16)
         # The reference runs the QAT stage's exact schedule without fake quant, so BF16, QAT and PTQ

