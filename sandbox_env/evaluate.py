@@ -322,6 +322,15 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
             report["models"][c["name"]]["kl_vs_reference"] = d
             del q
 
+    # --- paired comparison with the reference on the same tasks (McNemar)
+    from sandbox_env.metrics import mcnemar
+
+    solved = {n: {r["task"]["id"]: bool(r["verdict"]["correct"]) for r in recs} for n, recs in all_records.items()}
+    if ref_name in solved:
+        for name, m in report["models"].items():
+            if name != ref_name:
+                m["paired_vs_reference"] = mcnemar(solved[ref_name], solved[name])
+
     write_report(report, all_records, needed, out)
     return report
 
@@ -360,6 +369,13 @@ def write_report(report: dict[str, Any], all_records: dict[str, list[dict[str, A
                for n, m in models.items() if "kl_vs_reference" in m]
     md.append(markdown_table(("model", "kind", "tokens", f"KL({ref} || model)", "top-1 agreement", "NLL", f"NLL {ref}"),
                              kl_rows) + "\n" if kl_rows else "(only one checkpoint, or kl.enabled=false)\n")
+    paired = [[n, m["paired_vs_reference"]["tasks"], m["paired_vs_reference"]["success_diff"],
+               m["paired_vs_reference"]["only_reference"], m["paired_vs_reference"]["only_model"],
+               m["paired_vs_reference"]["p_value"]] for n, m in models.items() if "paired_vs_reference" in m]
+    if paired:
+        md.append(f"## Paired with `{ref}` on the same tasks (exact McNemar)\n")
+        md.append(markdown_table(("model", "tasks", "success - reference", f"solved by {ref} only", "solved by model only",
+                                  "p-value"), paired) + "\n")
     md.append("## Size and speed\n")
     md.append(markdown_table(("model", "kind", "weights on disk (MB)", "episodes/s", "decode tokens/s (wall, in the loop)",
                               "prefill tokens", "cache-reused tokens", "max batch"),

@@ -34,6 +34,21 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, mid - half), min(1.0, mid + half))
 
 
+def mcnemar(reference: dict[str, bool], model: dict[str, bool]) -> dict[str, Any]:
+    """Exact McNemar test of two models on the same tasks (task id -> solved): the two-sided binomial
+    p-value of the discordant pairs (tasks one model solves and the other does not) under "either is
+    equally likely to win a discordant task". A paired test separates models far better than two
+    independent intervals: tasks both solve, or both fail, carry no information about the difference."""
+    shared = sorted(set(reference) & set(model))
+    only_ref = sum(reference[t] and not model[t] for t in shared)
+    only_model = sum(model[t] and not reference[t] for t in shared)
+    n, k = only_ref + only_model, min(only_ref, only_model)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    diff = (sum(model[t] for t in shared) - sum(reference[t] for t in shared)) / len(shared) if shared else 0.0
+    return {"tasks": len(shared), "only_reference": only_ref, "only_model": only_model,
+            "success_diff": round(diff, 4), "p_value": round(p, 4)}
+
+
 def summarize_episodes(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Success (with Wilson 95% CI) and per-episode means of one group of episode records."""
     n = len(records)
@@ -159,17 +174,28 @@ def _plt():
 def plot_success_by_model(summaries: dict[str, dict[str, Any]], path: str) -> None:
     """Bar per model (all families pooled) with its Wilson interval."""
     plt = _plt()
-    names = list(summaries)
+    names = list(summaries)[::-1]  # horizontal bars, the first model on top: long names stay readable
     s = [summaries[n]["success"] for n in names]
     err = [[v - summaries[n]["ci_low"] for n, v in zip(names, s)], [summaries[n]["ci_high"] - v for n, v in zip(names, s)]]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
-    ax.bar(names, s, yerr=err, capsize=4, color="#4c72b0")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("success rate (95% Wilson CI)")
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.32 * len(names)))
+    ax.barh(names, s, xerr=err, capsize=3, color=[_bits_color(n) for n in names])
+    for y, v in enumerate(s):
+        ax.text(0.01, y, f"{100 * v:.0f}%", va="center", fontsize=8, color="white" if v > 0.08 else "black")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("success rate (95% Wilson CI)")
+    ax.tick_params(axis="y", labelsize=8)
     ax.set_title("Task success by model")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _bits_color(name: str) -> str:
+    """One colour per precision group, so BF16 / INT4 / INT3 / INT2 rows read as panels."""
+    for tag, color in (("int4", "#4c72b0"), ("int3", "#dd8452"), ("int2", "#c44e52"), ("nf4", "#8172b3")):
+        if tag in name:
+            return color
+    return "#55a868"
 
 
 def plot_success_by_steps(points: dict[str, dict[int, tuple[int, int]]], path: str) -> None:
@@ -193,12 +219,18 @@ def plot_success_by_steps(points: dict[str, dict[int, tuple[int, int]]], path: s
 def plot_kl_per_layer(per_layer: dict[str, list[float]], path: str, reference: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    # KL is never negative and spans decades: a log axis, with exact zeros (identical layers) drawn at
+    # the smallest positive value seen so they stay on the plot.
+    positive = [x for kls in per_layer.values() for x in kls if x > 0]
+    floor = min(positive) if positive else 1e-12
+    layers = max(len(k) for k in per_layer.values())
     for name, kls in per_layer.items():
-        ax.plot(range(1, len(kls) + 1), kls, marker="o", label=name)
-    ax.set_xticks(range(1, max(len(k) for k in per_layer.values()) + 1))
+        ax.plot(range(1, len(kls) + 1), [max(x, floor) for x in kls], marker="o", markersize=3, label=name)
+    step = max(1, layers // 10)
+    ax.set_xticks(range(1, layers + 1, step))
     ax.set_xlabel("decoder layer (logit lens; last = output)")
     ax.set_ylabel(f"KL({reference} || model), nats/token")
-    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_yscale("log")
     ax.set_title("Per-layer divergence from the reference")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -109,6 +109,16 @@ class Pipeline:
         self.run(f"export {name}", "qat.export", overrides, done=out / "export_complete.json")
         return out
 
+    def gptq(self, name: str, checkpoint: Path, data: Path, q: dict) -> Path:
+        """GPTQ of the BF16 reference, calibrated on the training trajectories (never held-out tasks)."""
+        g = self.cfg.gptq
+        out = self.out / "export" / name
+        overrides = [f"input={checkpoint}", f"output={out}", f"calibration={data / 'train'}", "overwrite=true",
+                     f"num_samples={g.num_samples}", f"seq_len={self.cfg.seq_len}",
+                     *[f"{k}={v}" for k, v in q.items()], *g.overrides]
+        self.run(f"gptq {name}", "train.ptq", overrides, done=out / "ptq_report.json")
+        return out
+
     def main(self) -> None:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -123,19 +133,32 @@ class Pipeline:
         # undertrained model moves a lot in a few steps.)
         bf16 = self.train("bf16_final", data, None, base, cfg.qat)
         models: list[dict] = [{"name": "bf16", "path": str(bf16)}]
+        unknown = sorted(set(cfg.ptq) - {"rtn", "gptq", "mse", "nf4_b32", "nf4_b64"})
+        if unknown:
+            raise SystemExit(f"[pipeline] ptq={list(cfg.ptq)}: unknown methods {unknown}; choose from rtn, gptq, mse, "
+                             "nf4_b32, nf4_b64")
         for setting in cfg.sweep:
             q = dict(cfg.settings[setting])
             qat_ckpt = self.train(f"qat_{setting}", data, q, base, cfg.qat)
             if q["bits"] == 4:
                 models.append({"name": f"qat_{setting}", "path": str(self.export(f"qat_{setting}", qat_ckpt))})
-                models.append({"name": f"ptq_rtn_{setting}", "path": str(self.export(f"ptq_rtn_{setting}", bf16, q))})
+                if "rtn" in cfg.ptq:
+                    models.append({"name": f"ptq_rtn_{setting}", "path": str(self.export(f"ptq_rtn_{setting}", bf16, q))})
             else:  # evaluated as fake quant: the QAT checkpoint carries its QuantConfig
                 models.append({"name": f"qat_{setting}", "path": str(qat_ckpt)})
-                models.append({"name": f"ptq_rtn_{setting}", "path": str(bf16), "ptq": "rtn", "ptq_config": q})
+                if "rtn" in cfg.ptq:
+                    models.append({"name": f"ptq_rtn_{setting}", "path": str(bf16), "ptq": "rtn", "ptq_config": q})
+            if "gptq" in cfg.ptq:  # INT4: a real export with GPTQ's own scales; INT3/INT2: dense code x scale
+                models.append({"name": f"ptq_gptq_{setting}", "path": str(self.gptq(f"ptq_gptq_{setting}", bf16, data, q))})
+            if setting in cfg.gptq_then_qat:  # QAT started from the GPTQ solution (qat.init=gptq)
+                ckpt = self.train(f"qat_from_gptq_{setting}", data, {**q, "init": "gptq",
+                                                                     "init_samples": cfg.gptq.num_samples}, base, cfg.qat)
+                models.append({"name": f"qat_from_gptq_{setting}",
+                               "path": str(self.export(f"qat_from_gptq_{setting}", ckpt) if q["bits"] == 4 else ckpt)})
         int4_g32 = dict(cfg.settings["int4_g32"])
         for method in cfg.ptq:
-            if method == "rtn":
-                continue  # exported above for every setting
+            if method in ("rtn", "gptq"):
+                continue  # done above for every setting
             if method == "mse":
                 models.append({"name": "ptq_mse_int4_g32",
                                "path": str(self.export("ptq_mse_int4_g32", bf16, {**int4_g32, "observer": "mse"}))})

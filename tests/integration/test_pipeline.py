@@ -7,6 +7,7 @@ headline table, and that a rerun skips every finished stage.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "pipeline.py"), f"out_dir={out}",
            "generate.tasks=compute", "generate.train_per_family=6", "generate.heldout_per_family=2",
            "bf16.max_steps=4", "qat.max_steps=2", "seq_len=1024", "micro_batch_size=2",
-           "sweep=[int4_g32,int2_g32]", "ptq=[rtn,nf4_b32]", "evaluate.tasks_per_family=1",
+           "sweep=[int4_g32,int2_g32]", "ptq=[rtn,gptq,nf4_b32]", "gptq.num_samples=8", "evaluate.tasks_per_family=1",
+           "evaluate.sampled.seeds=[1,2]",
            "evaluate.kl_records=4", "evaluate.tools_disabled=true", "threads=1",
            "evaluate.overrides=['steps_needed=false','budgets.max_steps=3','budgets.max_total_tokens=256',"
            "'sampling.max_new_tokens=64','engine.threads=1']",
@@ -50,17 +52,24 @@ def test_pipeline_small_end_to_end(tmp_path):
     # the reference: the QAT stage's schedule without fake quant, from the same BF16 run
     final = out / "runs" / "bf16_final" / "checkpoints" / "step_000002"
     assert (final / "COMPLETE").exists() and not (final / "qat_config.json").exists()
-    for setting in ("int4_g32", "int2_g32"):
+    for setting, bits in (("int4_g32", 4), ("int2_g32", 2)):
         ckpt = out / "runs" / f"qat_{setting}" / "checkpoints" / "step_000002"
         qcfg = json.loads((ckpt / "qat_config.json").read_text())
-        assert (ckpt / "COMPLETE").exists() and json.dumps(qcfg)
+        assert (ckpt / "COMPLETE").exists()
+        assert qcfg["bits"] == bits and qcfg["group_size"] == 32, qcfg
+
+    # GPTQ of the reference, calibrated on the training split: INT4 as a real export, INT2 as dense weights
+    for setting, written in (("int4_g32", "int4"), ("int2_g32", "fake_quant_dense")):
+        ptq = json.loads((out / "export" / f"ptq_gptq_{setting}" / "ptq_report.json").read_text())
+        assert ptq["written"] == written and ptq["input"] == str(final)
+        assert ptq["calibration"] == str(out / "trajectories" / "train") and ptq["calibration_tokens"] > 0
 
     # INT4 exports that transformers + compressed-tensors load, with int32 packed experts
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    for name in ("qat_int4_g32", "ptq_rtn_int4_g32"):
+    for name in ("qat_int4_g32", "ptq_rtn_int4_g32", "ptq_gptq_int4_g32"):
         export = out / "export" / name
         cfg = json.loads((export / "config.json").read_text())
         assert cfg["quantization_config"]["format"] == "pack-quantized"
@@ -74,7 +83,8 @@ def test_pipeline_small_end_to_end(tmp_path):
 
     # evaluation report and the headline table
     report = json.loads((out / "eval" / "report.json").read_text())
-    expected = {"bf16", "qat_int4_g32", "ptq_rtn_int4_g32", "qat_int2_g32", "ptq_rtn_int2_g32", "ptq_nf4_b32"}
+    expected = {"bf16", "qat_int4_g32", "ptq_rtn_int4_g32", "ptq_gptq_int4_g32", "qat_int2_g32", "ptq_rtn_int2_g32",
+                "ptq_gptq_int2_g32", "ptq_nf4_b32"}
     assert set(report["models"]) == expected
     assert report["models"]["qat_int4_g32"]["kind"] == "int4"
     assert report["models"]["qat_int2_g32"]["kind"] == "fake_quant"
@@ -95,5 +105,7 @@ def test_pipeline_small_end_to_end(tmp_path):
     # a rerun skips every stage
     again = _run(out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("skipped") == 8  # generate, 4 trainings, 2 exports, evaluate
+    ran = re.findall(r"^\[pipeline\] (.+): \d+s$", proc.stdout, flags=re.M)
+    assert len(ran) == 10, ran  # generate, 4 trainings, 2 exports, 2 GPTQ, evaluate
+    assert sorted(re.findall(r"^\[pipeline\] (.+): done \(.*\), skipped$", again.stdout, flags=re.M)) == sorted(ran)
     assert "sandbox_env.generate" not in again.stdout.replace("[pipeline] generate: done", "")

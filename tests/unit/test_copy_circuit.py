@@ -37,9 +37,9 @@ def _loss(model, ids, labels):
     return model(input_ids=ids, labels=labels, use_cache=False).loss.item()
 
 
-def test_preset_ships_the_circuit_and_a_rope_theta_it_needs():
+def test_circuit_is_opt_in_and_the_preset_keeps_the_rope_theta_it_needs():
     preset = load_preset("tiny_qwen3_moe")
-    assert preset["copy_circuit"] == {}
+    assert preset["copy_circuit"] is None  # off the default path: model.copy_circuit={} turns it on
     assert preset["config"]["rope_parameters"]["rope_theta"] >= 1e7
 
 

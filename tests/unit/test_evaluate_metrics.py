@@ -105,3 +105,33 @@ def test_a_failing_episode_counts_as_a_failure_with_its_reason():
                                Budgets(max_steps=2), cfg)
     assert speed["episode_errors"] == 2 and summarize_episodes(records)["success"] == 0.0
     assert all("episode error: IndexError" in r["verdict"]["reason"] for r in records)
+
+
+def test_mcnemar_exact_p_values():
+    from sandbox_env.metrics import mcnemar
+
+    ref = {f"t{i}": True for i in range(10)}
+    # 5 tasks lost, none gained: p = 2 * (1/2)^5
+    model = dict(ref, **{f"t{i}": False for i in range(5)})
+    d = mcnemar(ref, model)
+    assert (d["only_reference"], d["only_model"], d["tasks"]) == (5, 0, 10)
+    assert d["p_value"] == round(2 / 32, 4) and d["success_diff"] == -0.5
+    # 9 against 1: p = 2 * (C(10,0) + C(10,1)) / 2^10
+    a = {f"t{i}": i < 9 for i in range(20)}
+    b = {f"t{i}": i == 9 for i in range(20)}
+    assert mcnemar(a, b)["p_value"] == round(2 * 11 / 1024, 4)
+    # identical results: no discordant task, no evidence of a difference
+    assert mcnemar(a, dict(a))["p_value"] == 1.0
+    # only the shared tasks count
+    assert mcnemar({"x": True, "y": False}, {"x": True})["tasks"] == 1
+
+
+def test_plots_are_written_for_many_models_and_zero_kl(tmp_path):
+    from sandbox_env.metrics import plot_kl_per_layer, plot_success_by_model
+
+    summaries = {f"ptq_gptq_int{b}_g32_variant{i}": {"success": 0.1 * i, "ci_low": 0.0, "ci_high": min(1.0, 0.1 * i + 0.2)}
+                 for b in (4, 3) for i in range(8)}
+    plot_success_by_model(summaries, str(tmp_path / "s.png"))
+    plot_kl_per_layer({"qat_int4_g32": [0.0, 1e-4, 3e-2], "ptq_rtn_int4_g32": [0.0, 2e-4, 5e-2]},
+                      str(tmp_path / "kl.png"), "bf16")
+    assert (tmp_path / "s.png").stat().st_size > 1000 and (tmp_path / "kl.png").stat().st_size > 1000
