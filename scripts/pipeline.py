@@ -197,20 +197,28 @@ class Pipeline:
         families = sorted({f for m in report["models"].values() for f in m["by_family"]})
         smp = next((m["sampled"] for m in report["models"].values() if "sampled" in m), None)
         smp_head = [f"sampled T={smp['temperature']:g} ({len(smp['seeds'])} seeds)"] if smp else []
-        head = ["model", "kind", "success", *families, *smp_head, "KL vs bf16", "top-1 agr.", "MB on disk"]
+        ref = report["reference"]
+        head = ["model", "kind", "success (95% CI)", f"vs {ref}: McNemar p", *families, *smp_head, "invalid calls/ep.",
+                f"KL vs {ref}", "top-1 agr.", "MB on disk"]
         rows = []
         for name, m in report["models"].items():
             kl = m.get("kl_vs_reference", {})
             s = m.get("sampled")
-            rows.append([name, m["kind"], _pct(m["overall"]["success"]),
+            o = m["overall"]
+            pv = m.get("paired_vs_reference")
+            rows.append([name, m["kind"], f"{_pct(o['success'])} [{100 * o['ci_low']:.0f}, {100 * o['ci_high']:.0f}]",
+                         f"{100 * pv['success_diff']:+.1f} pts, p={pv['p_value']:.2f}" if pv else "-",
                          *[_pct(m["by_family"].get(f, {}).get("success")) for f in families],
                          *([f"{_pct(s['success_mean'])} ± {100 * s['success_std']:.1f}" if s else "-"] if smp else []),
+                         f"{o['avg_invalid_tool_calls']:.2f}",
                          f"{kl['kl']:.2e}" if kl else "-", f"{kl['top1_agreement']:.4f}" if kl else "-",
                          f"{m['size_bytes'] / 2**20:.1f}"])
             if "no_tools" in m:
-                rows.append([f"{name}/no-tools", m["kind"], _pct(m["no_tools"]["overall"]["success"]),
+                nt = m["no_tools"]["overall"]
+                rows.append([f"{name}/no-tools", m["kind"], f"{_pct(nt['success'])} [{100 * nt['ci_low']:.0f}, "
+                             f"{100 * nt['ci_high']:.0f}]", "-",
                              *[_pct(m["no_tools"]["by_family"].get(f, {}).get("success")) for f in families],
-                             *(["-"] if smp else []), "-", "-", "-"])
+                             *(["-"] if smp else []), "-", "-", "-", "-"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
         table = "\n".join(lines)

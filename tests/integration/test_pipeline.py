@@ -100,7 +100,7 @@ def test_pipeline_small_end_to_end(tmp_path):
     assert (out / "eval" / "report.md").exists() and list((out / "eval").glob("*.png"))
     headline = (out / "eval" / "headline.md").read_text()
     assert "| qat_int4_g32 | int4 |" in headline and "bf16/no-tools" in headline and "sampled T=0.7 (2 seeds)" in headline
-    assert "| model | kind | success |" in proc.stdout
+    assert "| model | kind | success (95% CI) | vs bf16: McNemar p |" in proc.stdout
 
     # a rerun skips every stage
     again = _run(out)
