@@ -90,7 +90,8 @@ class Pipeline:
             f"data.path={data / 'train'}", f"output_dir={run_dir}", "resume=auto",
             f"model={self.cfg.model_preset}", f"data.seq_len={self.cfg.seq_len}",
             f"micro_batch_size={self.cfg.micro_batch_size}", f"max_steps={stage_cfg.max_steps}",
-            f"optim.lr={stage_cfg.lr}", f"checkpoint.every={max(stage_cfg.max_steps // 4, 1)}",
+            # a checkpoint of the 373M default base is ~6 GB with its optimizer state: keep one, for resume
+            f"optim.lr={stage_cfg.lr}", f"checkpoint.every={max(stage_cfg.max_steps // 2, 1)}", "checkpoint.keep_last=1",
             *self.cfg.train_overrides,
         ]
         if init_from is not None:
