@@ -164,9 +164,17 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
         rec["metadata"]["model"] = name
         return rec
 
+    from tqdm import tqdm
+
     try:
         with ThreadPoolExecutor(max_workers=e["concurrency"]) as pool:
-            records = list(pool.map(one, tasks))
+            # episodes finish out of order; the bar counts them, the records keep the task order
+            bar = tqdm(total=len(tasks), desc=f"{name} episodes", unit="ep", disable=not cfg.get("progress", True))
+            futures = [pool.submit(one, t) for t in tasks]
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            records = [f.result() for f in futures]
+            bar.close()
     finally:
         engine.close()
     wall = time.perf_counter() - t0
