@@ -165,6 +165,9 @@ class Pipeline:
                                "path": str(self.export("ptq_mse_int4_g32", bf16, {**int4_g32, "observer": "mse"}))})
             else:
                 models.append({"name": f"ptq_{method}", "path": str(bf16), "ptq": method})
+        for m in models:  # INT4 exports decode with the activations their kernel is fast at
+            if (Path(m["path"]) / "export_complete.json").exists() and cfg.evaluate.int4_dtype:
+                m["dtype"] = cfg.evaluate.int4_dtype
         (self.out / "models.json").write_text(json.dumps(models, indent=2))
         eval_dir = self.evaluate(data, models)
         print(f"\n[pipeline] report: {eval_dir / 'report.md'} (plots: {eval_dir}/*.png)\n")
