@@ -41,7 +41,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data import tokenizer as T
+from data import chat_format as T
+from data.chat_format import render_parts, render_text  # noqa: F401 - re-exported: the renderers' text form
+from data.messages import AssistantStep
 
 IGNORE_INDEX = -100
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -68,100 +70,6 @@ class SplitStats:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-def _arguments_json(args: Any) -> str:
-    # as the templates' `tojson` filter does (json.dumps defaults, ensure_ascii=False)
-    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-
-
-def _call_numbers(messages: Sequence[dict]) -> list[tuple[str, int]]:
-    """(name, k) of each tool message: the K2 global call number of the call it answers."""
-    out, k, latest = [], 0, {}
-    for m in messages:
-        if m["role"] == "assistant":
-            latest = {}
-            for c in m.get("tool_calls") or []:
-                latest[c["id"]] = (c["function"]["name"], k)
-                k += 1
-        elif m["role"] == "user":
-            latest = {}
-        if m["role"] == "tool":
-            if m.get("tool_call_id") not in latest:
-                raise ValueError(f"tool message answers tool_call_id={m.get('tool_call_id')!r}, which no call of the "
-                                 "latest assistant step has; validate records with data.schema.validate_record")
-            out.append(latest[m["tool_call_id"]])
-    return out
-
-
-def render_parts(messages: Sequence[dict], tools: list | None = None, *, add_generation_prompt: bool = False,
-                 keep: Sequence[int] | None = None) -> tuple[list[str], list[bool]]:
-    """The tiny K2-style format as pieces: (parts, is_special) where each part is a structural
-    special token or a piece of free text (see `render_text`)."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-    idx = range(len(messages)) if keep is None else keep
-    if keep is not None:  # "last user" is judged within what is rendered
-        last_user = max((i for i in keep if messages[i]["role"] == "user"), default=-1)
-    numbers = iter(_call_numbers(messages))
-    call_k = {}  # message index -> first call number of that assistant message, or tool (name, k)
-    k = 0
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            call_k[i] = k
-            k += len(m.get("tool_calls") or [])
-        elif m["role"] == "tool":
-            call_k[i] = next(numbers)
-    parts: list[str] = []
-    special: list[bool] = []
-
-    def sp(*toks):
-        parts.extend(toks)
-        special.extend([True] * len(toks))
-
-    def tx(text):
-        parts.append(text)
-        special.append(False)
-
-    if tools:
-        sp(T.IM_SYSTEM), tx("tool_declare"), sp(T.IM_MIDDLE), tx(json.dumps(tools, ensure_ascii=False)), sp(T.IM_END)
-    for i in idx:
-        m = messages[i]
-        role = m["role"]
-        if role == "system":
-            sp(T.IM_SYSTEM), tx("system"), sp(T.IM_MIDDLE), tx(m["content"]), sp(T.IM_END)
-        elif role == "user":
-            sp(T.IM_USER), tx("user"), sp(T.IM_MIDDLE), tx(m["content"]), sp(T.IM_END)
-        elif role == "assistant":
-            sp(T.IM_ASSISTANT), tx("assistant"), sp(T.IM_MIDDLE, T.THINK)
-            if i > last_user and m.get("reasoning_content"):
-                tx(m["reasoning_content"])
-            sp(T.END_THINK), tx(m.get("content") or "")
-            calls = m.get("tool_calls")
-            if calls:
-                sp(T.SECTION_BEGIN)
-                for j, c in enumerate(calls):
-                    fn = c["function"]
-                    sp(T.CALL_BEGIN), tx(f"functions.{fn['name']}:{call_k[i] + j}"), sp(T.ARG_BEGIN)
-                    tx(_arguments_json(fn["arguments"])), sp(T.CALL_END)
-                sp(T.SECTION_END)
-            sp(T.IM_END)
-        elif role == "tool":
-            name, kk = call_k[i]
-            sp(T.IM_TOOL), tx("tool"), sp(T.IM_MIDDLE), tx(f"## Return of functions.{name}:{kk}\n" + m["content"])
-            sp(T.IM_END)
-        else:
-            raise ValueError(f"messages[{i}].role: unknown role {role!r}; expected system, user, assistant or tool")
-    if add_generation_prompt:
-        sp(T.IM_ASSISTANT), tx("assistant"), sp(T.IM_MIDDLE)
-    return parts, special
-
-
-def render_text(messages: Sequence[dict], tools: list | None = None, *, add_generation_prompt: bool = False,
-                keep: Sequence[int] | None = None) -> str:
-    """The tiny K2-style format as text (see `data.tokenizer`). `keep` renders only those message
-    indices, while tool-call numbers stay those of the full list (so a split piece shows the
-    model the same call names as the whole conversation does)."""
-    return "".join(render_parts(messages, tools, add_generation_prompt=add_generation_prompt, keep=keep)[0])
 
 
 def _steps(messages: Sequence[dict], start: int, end: int) -> list[list[int]]:
@@ -322,22 +230,6 @@ class Renderer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _tool_call(i: int, name: str, args_text: str, call_id: str) -> dict:
-    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": None}}
-    try:
-        args = json.loads(args_text)
-    except json.JSONDecodeError as e:
-        call["function"]["arguments"] = args_text
-        call["error"] = f"tool call {i} ({name!r}): arguments are not valid JSON ({e}): {args_text!r:.200}"
-        return call
-    if not isinstance(args, dict):
-        call["function"]["arguments"] = args_text
-        call["error"] = f"tool call {i} ({name!r}): arguments must be a JSON object, got {type(args).__name__}"
-        return call
-    call["function"]["arguments"] = args
-    return call
-
-
 class TinyRenderer(Renderer):
     """The K2-style format of `data.tokenizer`, rendered in Python; masks from special-token ids."""
 
@@ -361,7 +253,7 @@ class TinyRenderer(Renderer):
         text of a special token (a tool printing "<|im_end|>"), that text must stay text: the free
         parts are then encoded with special-token matching off, and the structure tokens added by id."""
         text = "".join(parts)
-        if len(T._SPECIAL_RE.findall(text)) == sum(special):
+        if len(T.SPECIAL_RE.findall(text)) == sum(special):
             return self._backend.encode(text, add_special_tokens=False).ids
         free = [p for p, s in zip(parts, special) if not s]
         self._backend.encode_special_tokens = True
@@ -443,47 +335,9 @@ class TinyRenderer(Renderer):
     def render_prompt(self, messages, tools=None):
         return self.encode_parts(*render_parts(messages, tools, add_generation_prompt=True))
 
-    def parse_assistant(self, text_or_ids) -> dict:
-        """Generated assistant text (or ids) after the generation prompt -> an assistant message.
-
-        Malformed tool calls come back as entries with an "error" key (and the raw arguments
-        string), so the rollout loop can answer them with an error tool message."""
-        text = text_or_ids if isinstance(text_or_ids, str) else self.decode(text_or_ids)
-        out: dict[str, Any] = {"role": "assistant", "reasoning_content": "", "content": "", "tool_calls": []}
-        finished = text.endswith(T.IM_END)
-        if finished:
-            text = text[: -len(T.IM_END)]
-        if text.startswith(T.THINK):
-            body = text[len(T.THINK):]
-            if T.END_THINK in body:
-                out["reasoning_content"], text = body.split(T.END_THINK, 1)
-            else:  # generation stopped inside the thinking
-                out["reasoning_content"], text = body, ""
-                out["error"] = "generation ended inside <think> (no </think>)"
-        if T.SECTION_BEGIN not in text:
-            out["content"] = text
-        else:
-            out["content"], section = text.split(T.SECTION_BEGIN, 1)
-            if T.SECTION_END in section:
-                section = section.split(T.SECTION_END, 1)[0]
-            else:
-                out["error"] = f"tool-call section not closed ({T.SECTION_END} missing)"
-            for i, chunk in enumerate(section.split(T.CALL_BEGIN)[1:]):
-                if T.ARG_BEGIN not in chunk or T.CALL_END not in chunk:
-                    out["tool_calls"].append({"id": f"call_{i}", "type": "function",
-                                              "function": {"name": "", "arguments": chunk},
-                                              "error": f"tool call {i}: malformed ({T.ARG_BEGIN} or {T.CALL_END} missing)"})
-                    continue
-                head, rest = chunk.split(T.ARG_BEGIN, 1)
-                args = rest.split(T.CALL_END, 1)[0]
-                m = re.fullmatch(r"functions\.(.+):(\d+)", head.strip())
-                name, call_id = (m.group(1), head.strip()) if m else (head.strip(), f"call_{i}")
-                out["tool_calls"].append(_tool_call(i, name, args, call_id))
-        for k in (T.IM_END, T.IM_ASSISTANT, T.IM_USER, T.IM_SYSTEM, T.IM_TOOL):
-            if k in out["content"]:
-                out["error"] = f"unexpected {k!r} inside the generated content"
-        out["finished"] = finished
-        return out
+    def parse_assistant(self, text_or_ids) -> AssistantStep:
+        """Generated assistant text (or ids) after the generation prompt -> the turn (`chat_format.parse_text`)."""
+        return T.parse_text(text_or_ids if isinstance(text_or_ids, str) else self.decode(text_or_ids))
 
 
 def strip_generation_markers(template: str) -> str:
@@ -493,11 +347,11 @@ def strip_generation_markers(template: str) -> str:
 
 def renders_alike(tokenizer, template_a: str, template_b: str, records: Sequence[dict] | None = None) -> bool:
     """Whether two chat templates render the same text for every prefix of probe conversations
-    (all trajectory shapes of `data.testing`: tools, parallel calls, multi-turn reasoning
+    (all trajectory shapes of `data.probes`: tools, parallel calls, multi-turn reasoning
     dropping), with and without the generation prompt."""
-    from data.testing import fixture_records
+    from data.probes import probe_records
 
-    for rec in records if records is not None else fixture_records():
+    for rec in records if records is not None else probe_records():
         msgs, tools = rec["messages"], rec.get("tools")
         for j in range(1, len(msgs) + 1):
             for gen in (False, True):
@@ -588,42 +442,10 @@ class ChatTemplateRenderer(Renderer):
         return list(self.tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=True,
                                                        add_generation_prompt=True, return_dict=True)["input_ids"])
 
-    def parse_assistant(self, text_or_ids) -> dict:
-        """Qwen3/Hermes-style output: `<think>..</think>` then content, then `<tool_call>{json}</tool_call>`s."""
-        text = text_or_ids if isinstance(text_or_ids, str) else self.decode(text_or_ids)
-        out: dict[str, Any] = {"role": "assistant", "reasoning_content": "", "content": "", "tool_calls": []}
-        finished = text.endswith(self.end_of_turn)
-        if finished:
-            text = text[: -len(self.end_of_turn)]
-        o, c = self.think
-        if c in text:
-            r, text = text.split(c, 1)
-            out["reasoning_content"] = r.split(o, 1)[-1].strip("\n")
-            text = text.lstrip("\n")
-        co, cc = self.call
-        if co in text:
-            out["content"], rest = text.split(co, 1)
-            out["content"] = out["content"].rstrip("\n")
-            for i, chunk in enumerate((co + rest).split(co)[1:]):
-                if cc not in chunk:
-                    out["tool_calls"].append({"id": f"call_{i}", "type": "function",
-                                              "function": {"name": "", "arguments": chunk},
-                                              "error": f"tool call {i}: {cc!r} missing"})
-                    continue
-                body = chunk.split(cc, 1)[0].strip()
-                try:
-                    obj = json.loads(body)
-                    name, args = obj["name"], obj.get("arguments", {})
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    out["tool_calls"].append({"id": f"call_{i}", "type": "function",
-                                              "function": {"name": "", "arguments": body},
-                                              "error": f"tool call {i}: not a JSON object with a name ({e})"})
-                    continue
-                out["tool_calls"].append(_tool_call(i, name, json.dumps(args), f"call_{i}"))
-        else:
-            out["content"] = text
-        out["finished"] = finished
-        return out
+    def parse_assistant(self, text_or_ids) -> AssistantStep:
+        """Qwen3/Hermes-style output (`chat_format.parse_hermes`)."""
+        return T.parse_hermes(text_or_ids if isinstance(text_or_ids, str) else self.decode(text_or_ids),
+                              end_of_turn=self.end_of_turn, think=self.think, call=self.call)
 
 
 def get_renderer(tokenizer, training_template: str | None = None) -> Renderer:

@@ -1,4 +1,5 @@
-"""The tiny default model's tokenizer: byte-level BPE trained on our trajectories + a K2-style chat format.
+"""The tiny default model's tokenizer: byte-level BPE trained on our trajectories, with the K2-style
+chat format of `data.chat_format`.
 
 Real models bring their own tokenizer and chat template; the tiny default model (trained from
 scratch on a laptop) needs one too, and a small vocabulary (a few thousand tokens) trained on
@@ -7,30 +8,6 @@ lives entirely in special tokens, so every piece of free text (a message, a thou
 JSON arguments) is tokenized on its own between two special tokens. That makes rendering a
 prefix and rendering the whole give the same tokens (train/inference parity), and lets the
 renderer compute loss masks from token ids alone.
-
-The K2-style format (after Kimi K2 Thinking's chat template), one block per message:
-
-    <|im_system|>tool_declare<|im_middle|>[...tools as JSON...]<|im_end|>     (if tools)
-    <|im_system|>system<|im_middle|>{content}<|im_end|>
-    <|im_user|>user<|im_middle|>{content}<|im_end|>
-    <|im_assistant|>assistant<|im_middle|><think>{reasoning}</think>{content}
-        <|tool_calls_section_begin|>
-          <|tool_call_begin|>functions.{name}:{k}<|tool_call_argument_begin|>{arguments JSON}<|tool_call_end|>
-        <|tool_calls_section_end|><|im_end|>
-    <|im_tool|>tool<|im_middle|>## Return of functions.{name}:{k}\n{content}<|im_end|>
-
-(no whitespace between blocks; the tool-call section only when the step calls tools). `k`
-counts tool calls over the whole conversation from 0, as K2 does, so the tool result names the
-call it answers without relying on the record's ids. Reasoning is rendered for the assistant
-steps after the last user message (the turn in progress); earlier, completed turns keep an
-empty `<think></think>`. The generation prompt is `<|im_assistant|>assistant<|im_middle|>`;
-the model then emits the body and ends every step with `<|im_end|>`.
-
-Python rendering of this format (fast path, with loss masks) is in `data.render`; the Jinja
-template below is the same format for `tokenizer.apply_chat_template`, and a test keeps the two
-equal character for character. Free text that happens to contain a special token's text (a tool
-printing "<|im_end|>") stays text in `data.render`; `apply_chat_template` does the same only
-with `sanitize_control_tokens=True` (tested to give the same tokens).
 """
 
 from __future__ import annotations
@@ -39,49 +16,11 @@ import os
 import re
 from typing import Iterable
 
-IM_SYSTEM, IM_USER, IM_ASSISTANT, IM_TOOL = "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_tool|>"
-IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
-THINK, END_THINK = "<think>", "</think>"
-SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-CALL_BEGIN, ARG_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-PAD = "<|pad|>"
-SPECIAL_TOKENS = [PAD, IM_SYSTEM, IM_USER, IM_ASSISTANT, IM_TOOL, IM_MIDDLE, IM_END, THINK, END_THINK,
-                  SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARG_BEGIN, CALL_END]
-_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
-
-# The same format as `data.render.TinyRenderer`, for apply_chat_template. Every tag strips the
-# template's own whitespace, so the output is exactly the blocks above.
-TINY_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(last_user=-1, k=0) -%}"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
-    "{%- if tools -%}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson }}<|im_end|>{%- endif -%}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'system' -%}<|im_system|>system<|im_middle|>{{ m.content }}<|im_end|>"
-    "{%- elif m.role == 'user' -%}<|im_user|>user<|im_middle|>{{ m.content }}<|im_end|>"
-    "{%- elif m.role == 'assistant' -%}<|im_assistant|>assistant<|im_middle|><think>"
-    "{%- if loop.index0 > ns.last_user and m.reasoning_content -%}{{ m.reasoning_content }}{%- endif -%}"
-    "</think>{{ m.content or '' }}"
-    "{%- if m.tool_calls -%}<|tool_calls_section_begin|>"
-    "{%- for c in m.tool_calls -%}<|tool_call_begin|>functions.{{ c.function.name }}:{{ ns.k }}<|tool_call_argument_begin|>"
-    "{%- if c.function.arguments is string -%}{{ c.function.arguments }}{%- else -%}{{ c.function.arguments | tojson }}{%- endif -%}"
-    "<|tool_call_end|>{%- set ns.k = ns.k + 1 -%}{%- endfor -%}"
-    "<|tool_calls_section_end|>{%- endif -%}<|im_end|>"
-    "{%- elif m.role == 'tool' -%}"
-    "{%- set t = namespace(k=0, idx=-1, name='') -%}"
-    "{%- for p in messages[:loop.index0] -%}{%- if p.role == 'assistant' and p.tool_calls -%}"
-    "{%- for c in p.tool_calls -%}{%- if c.id == m.tool_call_id -%}{%- set t.idx = t.k -%}{%- set t.name = c.function.name -%}{%- endif -%}"
-    "{%- set t.k = t.k + 1 -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
-    "<|im_tool|>tool<|im_middle|>## Return of functions.{{ t.name }}:{{ t.idx }}{{ '\\n' }}{{ m.content }}<|im_end|>"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
-)
+from data.chat_format import IM_END, PAD, SPECIAL_RE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, render_text
 
 
 def _training_texts(records_or_texts: Iterable) -> Iterable[str]:
     """Free-text pieces to learn merges from: rendered records split at special tokens."""
-    from data.render import render_text
-
     for x in records_or_texts:
         if isinstance(x, str):
             text = x
@@ -89,7 +28,7 @@ def _training_texts(records_or_texts: Iterable) -> Iterable[str]:
             text = render_text(x["messages"], x.get("tools"))
         else:
             raise TypeError(f"train_tokenizer: expected trajectory dicts or strings, got {type(x).__name__}")
-        for piece in _SPECIAL_RE.split(text):
+        for piece in SPECIAL_RE.split(text):
             if piece:
                 yield piece
 

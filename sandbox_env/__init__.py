@@ -1,27 +1,30 @@
-"""Sandboxed tool environments: the bubblewrap sandbox, the model's tools, the search index.
+"""Agentic environments: the sandbox and its tools, verifiable tasks, the agent loop, our
+checkpoints as agents, and their evaluation. One concern per subpackage:
 
-Imports stay light (stdlib only): the rollout workers import this package many times.
+- `sandbox/`   isolation: bubblewrap sessions, the model's tools, the FTS5 search index
+- `tasks/`     task families with verifiers and scripted solutions; the synthetic corpus
+- `agent/`     tool-call and turn types, teachers, the rollout loop, heavy mode
+- `inference/` checkpoint loading, the KV-cached engine, the local policy, the server
+- `eval/`      evaluation, metrics, report
+
+Jobs: `python -m sandbox_env.generate | evaluate | serve`. Importing this package stays stdlib-only
+(the rollout workers import it many times); names that need torch load on first use (PEP 562).
 """
 
-from sandbox_env.sandbox import RunResult, Sandbox, SandboxConfig
-from sandbox_env.search_index import SearchIndex
-from sandbox_env.tools import ToolBox, ToolResult
+from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv, run_episode
+from sandbox_env.agent.teachers import OpenAITeacher, ScriptedTeacher
+from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy, ToolCall
+from sandbox_env.sandbox import RunResult, Sandbox, SandboxConfig, SearchIndex, ToolBox, ToolResult
+from sandbox_env.tasks import Task, TaskFamily, get_family
 
-__all__ = ["Sandbox", "SandboxConfig", "RunResult", "SearchIndex", "ToolBox", "ToolResult"]
+__all__ = ["Sandbox", "SandboxConfig", "RunResult", "SearchIndex", "ToolBox", "ToolResult",
+           "AssistantStep", "EpisodeState", "Policy", "OpenAITeacher", "ScriptedTeacher", "ToolCall",
+           "Budgets", "TokenCounter", "ToolEnv", "run_episode", "Task", "TaskFamily", "get_family"]
 
-# The rollout loop, its policies and the task families (stdlib only as well).
-from sandbox_env.policies import AssistantStep, EpisodeState, OpenAITeacher, ScriptedTeacher, ToolCall  # noqa: E402
-from sandbox_env.rollout import Budgets, TokenCounter, ToolEnv, run_episode  # noqa: E402
-from sandbox_env.tasks import Task, TaskFamily, get_family  # noqa: E402
-
-__all__ += ["AssistantStep", "EpisodeState", "OpenAITeacher", "ScriptedTeacher", "ToolCall", "Budgets", "TokenCounter",
-            "ToolEnv", "run_episode", "Task", "TaskFamily", "get_family"]
-
-# The local-model policy, heavy mode and the evaluation metrics import torch: loaded on first use
-# (PEP 562), so `import sandbox_env` stays stdlib-only for the rollout workers.
-_LAZY = {"LocalModelPolicy": "local_policy", "InferenceEngine": "local_policy", "SamplingConfig": "local_policy",
-         "load_policy_model": "local_policy", "run_heavy": "heavy", "majority_vote": "heavy",
-         "teacher_forced_divergence": "metrics", "wilson_interval": "metrics"}
+_LAZY = {"LocalModelPolicy": "inference.policy", "InferenceEngine": "inference.engine",
+         "SamplingConfig": "inference.engine", "load_policy_model": "inference.loading",
+         "run_heavy": "agent.heavy", "majority_vote": "agent.heavy",
+         "teacher_forced_divergence": "eval.metrics", "wilson_interval": "eval.metrics"}
 __all__ += list(_LAZY)
 
 

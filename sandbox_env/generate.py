@@ -28,51 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sandbox_env.tasks.suite import SPLITS, build_families, family_specs, task_id, work_items
+
 log = logging.getLogger(__name__)
-
-_COUNT_KEYS = ("train", "heldout")
-
-
-# ----------------------------------------------------------------------------- the task list
-
-
-def family_specs(tasks_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """conf/tasks -> [{"tag", "family", "options", "counts": {split: n}}], validated."""
-    splits = dict(tasks_cfg.get("splits") or {})
-    fams = tasks_cfg.get("families")
-    if not isinstance(fams, dict) or not fams:
-        raise ValueError(f"tasks.families must be a non-empty mapping of tag -> options, got {fams!r}; see conf/tasks/default.yaml")
-    bad = [s for s in splits if s not in _COUNT_KEYS]
-    if bad:
-        raise ValueError(f"tasks.splits has unknown split(s) {bad}; use {list(_COUNT_KEYS)}")
-    specs = []
-    for tag, opts in fams.items():
-        opts = dict(opts or {})
-        family = opts.pop("family", tag)
-        counts = {s: opts.pop(s, splits.get(s, 0)) for s in _COUNT_KEYS}
-        for s, n in counts.items():
-            if not isinstance(n, int) or n < 0:
-                raise ValueError(f"task count for {tag}.{s} must be an int >= 0, got {n!r}; set tasks.splits.{s} or tasks.families.{tag}.{s}")
-        specs.append({"tag": tag, "family": family, "options": opts, "counts": counts})
-    return specs
-
-
-def build_families(specs: list[dict[str, Any]], corpus: Any) -> dict[str, Any]:
-    from sandbox_env.tasks import get_family
-
-    out = {}
-    for s in specs:
-        extra = {"corpus": corpus} if s["family"] == "retrieval" else {}
-        out[s["tag"]] = get_family(s["family"], tag=s["tag"], **s["options"], **extra)
-    return out
-
-
-def work_items(specs: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
-    return [(s["tag"], split, i) for s in specs for split in _COUNT_KEYS for i in range(s["counts"][split])]
-
-
-def task_id(tag: str, split: str, index: int) -> str:
-    return f"{tag}-{split}-{index:06d}"  # as TaskFamily.make names it
 
 
 # ----------------------------------------------------------------------------- workers
@@ -82,9 +40,9 @@ _W: dict[str, Any] = {}  # per-process state, built once by _init_worker
 
 def _init_worker(cfg: dict[str, Any], index_path: str | None) -> None:
     from sandbox_env import SandboxConfig
-    from sandbox_env.corpus import Corpus, CorpusConfig
-    from sandbox_env.policies import build_policy
-    from sandbox_env.rollout import Budgets, TokenCounter, ToolEnv
+    from sandbox_env.tasks.corpus import Corpus, CorpusConfig
+    from sandbox_env.agent.teachers import build_policy
+    from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv
 
     specs = family_specs(cfg["tasks"])
     corpus = Corpus.generate(CorpusConfig(**cfg["corpus"])) if any(s["family"] == "retrieval" for s in specs) else None
@@ -109,7 +67,7 @@ def _run_task(item: tuple[str, str, int]) -> dict[str, Any]:
     """Run one task (up to `attempts` episodes, stopping at the first verified one) and write
     its shard. -> a short summary row; an exception becomes an `error` row (no shard, so a
     rerun retries it)."""
-    from sandbox_env.rollout import run_episode
+    from sandbox_env.agent.rollout import run_episode
 
     tag, split, index = item
     cfg = _W["cfg"]
@@ -138,7 +96,7 @@ def _run_task(item: tuple[str, str, int]) -> dict[str, Any]:
 
 
 def _fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
-    fams = {t: {k: v for k, v in (o or {}).items() if k not in _COUNT_KEYS} for t, o in cfg["tasks"]["families"].items()}
+    fams = {t: {k: v for k, v in (o or {}).items() if k not in SPLITS} for t, o in cfg["tasks"]["families"].items()}
     return {k: cfg[k] for k in ("seed", "corpus", "policy", "budgets", "tools", "attempts", "tokenizer")} | {"families": fams}
 
 
@@ -178,7 +136,7 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
     from tqdm import tqdm
 
     from data.schema import write_trajectories
-    from sandbox_env.corpus import Corpus, CorpusConfig, ensure_corpus
+    from sandbox_env.tasks.corpus import Corpus, CorpusConfig, ensure_corpus
 
     if not isinstance(cfg.get("workers"), int) or cfg["workers"] < 0:
         raise ValueError(f"workers must be an int >= 0 (0 = run in this process), got {cfg.get('workers')!r}")
@@ -251,7 +209,7 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
         p = out / "shards" / f"{task_id(*it)}.json"
         if p.exists():
             shard_rows.append(json.loads(p.read_text()))
-    kept: dict[str, list[dict[str, Any]]] = {s: [] for s in _COUNT_KEYS}
+    kept: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     rejected = []
     for row in shard_rows:
         for rec in row["attempts"]:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("give at least one checkpoint and then the held-out trajectories")
     from data.render import get_renderer
     from data.schema import read_trajectories
-    from sandbox_env.local_policy import load_policy_model
+    from sandbox_env.inference.loading import load_policy_model
 
     by_tag = collections.defaultdict(list)
     for rec in read_trajectories(data):

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${AQ_VENV:-.venv}
 
-# bubblewrap: the sandbox refuses to start without it (sandbox_env/sandbox.py).
+# bubblewrap: the sandbox refuses to start without it (sandbox_env/sandbox/session.py).
 if ! command -v bwrap >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing bubblewrap"

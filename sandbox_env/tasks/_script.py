@@ -12,7 +12,7 @@ import random
 import re
 from typing import Any, Generator
 
-from sandbox_env.policies import AssistantStep, ToolCall
+from sandbox_env.agent.types import AssistantStep, ToolCall
 
 # The argument names a script uses when the ToolBox's schema does not say otherwise.
 _FALLBACK_PARAM = {"python": "code", "shell": "command", "search": "query", "open": "id"}

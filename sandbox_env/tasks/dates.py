@@ -11,7 +11,7 @@ import datetime as dt
 import random
 from typing import Any
 
-from sandbox_env.policies import AssistantStep
+from sandbox_env.agent.types import AssistantStep
 from sandbox_env.tasks._script import ScriptContext, python_solve
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 

@@ -15,7 +15,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
-from sandbox_env.policies import AssistantStep
+from sandbox_env.agent.types import AssistantStep
 from sandbox_env.tasks._script import ScriptContext, call_with_recovery, last_line, quote
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 

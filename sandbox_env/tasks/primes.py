@@ -12,7 +12,7 @@ import random
 from functools import lru_cache
 from typing import Any
 
-from sandbox_env.policies import AssistantStep
+from sandbox_env.agent.types import AssistantStep
 from sandbox_env.tasks._script import ScriptContext, last_line, line_before_last, python_run
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 

@@ -5,7 +5,7 @@ work", then "its chief executive"), then asks an attribute of the entity reached
 idea: each hop is one search (find the entity's document among namesakes) and one open (read
 the fact that names the next entity), so `hops` documents mean about 2 x hops tool calls;
 with many hops this is the long-horizon family. The corpus guarantees one right answer
-(see sandbox_env/corpus.py).
+(see sandbox_env/tasks/corpus.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import random
 import re
 from typing import Any
 
-from sandbox_env.corpus import RELATIONS, Corpus, CorpusConfig
-from sandbox_env.policies import AssistantStep
+from sandbox_env.tasks.corpus import RELATIONS, Corpus, CorpusConfig
+from sandbox_env.agent.types import AssistantStep
 from sandbox_env.tasks._script import ScriptContext, call_with_recovery, quote
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 

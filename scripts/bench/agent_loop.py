@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from sandbox_env.policies import AssistantStep, ToolCall
+from sandbox_env.agent.types import AssistantStep, ToolCall
 
 
 class DecodeThenCall:
@@ -51,7 +51,7 @@ class DecodeThenCall:
 
 
 def run(policy_factory, tasks, env, budgets, concurrency, label=""):
-    from sandbox_env.rollout import run_episode
+    from sandbox_env.agent.rollout import run_episode
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -76,12 +76,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from data.render import get_renderer
-    from data.testing import tiny_tokenizer
+    from tests.fixtures import tiny_tokenizer
     from qat import QuantConfig, prepare
     from qat.export import export_int4
     from qat.load import load_int4
-    from sandbox_env.local_policy import InferenceEngine, KVCache, Request
-    from sandbox_env.rollout import Budgets, ToolEnv
+    from sandbox_env.inference.engine import InferenceEngine, KVCache, Request
+    from sandbox_env.agent.rollout import Budgets, ToolEnv
     from sandbox_env.tasks import get_family
     from train.models import build_model, load_preset
 

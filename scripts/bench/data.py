@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from data.pipeline import build_dataloader  # noqa: E402
 from data.render import get_renderer  # noqa: E402
-from data.testing import long_record, make_records  # noqa: E402
+from tests.fixtures import long_record, make_records  # noqa: E402
 from data.tokenizer import train_tokenizer  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def best(fn, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=2000, help="fixture records (data.testing) to generate")
+    ap.add_argument("--records", type=int, default=2000, help="fixture records (tests.fixtures) to generate")
     ap.add_argument("--dataset", default=None, help="benchmark on a trajectories dataset/.jsonl instead of fixtures")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)

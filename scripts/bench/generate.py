@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="the parallel setting, compared with 1 worker")
     args = ap.parse_args()
 
-    from sandbox_env.corpus import CorpusConfig, ensure_corpus
+    from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
 
     cfg = load_config([])
     cache = tempfile.mkdtemp(prefix="bench-gen-cache-")

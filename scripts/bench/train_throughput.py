@@ -127,7 +127,7 @@ def main() -> None:
         return
 
     from data.schema import write_jsonl
-    from data.testing import make_records
+    from tests.fixtures import make_records
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = tmp / "traj.jsonl"

@@ -11,7 +11,7 @@ import torch
 from data.pipeline import build_dataloader
 from data.render import IGNORE_INDEX
 from data.schema import write_trajectories
-from data.testing import long_record, make_records
+from tests.fixtures import long_record, make_records
 from data.tokenizer import load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).parents[2]

@@ -20,7 +20,7 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
     """bf16 (HF dir), fq (HF dir + qat_config.json, as train/ writes), int4 (qat.export.export_int4)."""
     from qat import QuantConfig, prepare
     from qat.export import export_int4
-    from sandbox_env.local_policy import tiny_model_and_tokenizer
+    from tests.fixtures import tiny_model_and_tokenizer
 
     model, tok = tiny_model_and_tokenizer(seed=0)
     paths = {k: root / k for k in ("bf16", "fq", "int4")}
@@ -44,7 +44,7 @@ def _compose(overrides: list[str]) -> dict:
 
 
 def test_evaluate_three_checkpoints_report(tmp_path):
-    from sandbox_env.evaluate import evaluate
+    from sandbox_env.eval.evaluate import evaluate
 
     torch.set_num_threads(1)
     ck = make_checkpoints(tmp_path / "ck")
@@ -98,7 +98,7 @@ def test_evaluate_cli_rejects_missing_checkpoints(tmp_path):
 
 def test_every_eval_config_composes(tmp_path):
     """Every shipped conf/eval preset composes with conf/evaluate.yaml and passes the checkpoint checks."""
-    from sandbox_env.evaluate import _checkpoints
+    from sandbox_env.eval.evaluate import _checkpoints
 
     paths = [f"+paths.{k}={tmp_path}" for k in ("bf16", "qat", "int4")]
     presets = sorted((ROOT / "conf" / "eval").glob("*.yaml"))
@@ -132,10 +132,10 @@ def test_a_model_that_solves_its_task_scores_and_needs_its_tools(tmp_path):
     """A tiny model trained for a few seconds on the scripted solution of one held-out task: the job
     scores it 1/1 with tools and 0/1 with tools disabled (it cannot multiply 60-digit numbers itself)."""
     from data.render import get_renderer
-    from sandbox_env.evaluate import evaluate
-    from sandbox_env.local_policy import tiny_model_and_tokenizer
-    from sandbox_env.policies import ScriptedTeacher
-    from sandbox_env.rollout import ToolEnv, run_episode
+    from sandbox_env.eval.evaluate import evaluate
+    from tests.fixtures import tiny_model_and_tokenizer
+    from sandbox_env.agent.teachers import ScriptedTeacher
+    from sandbox_env.agent.rollout import ToolEnv, run_episode
     from sandbox_env.tasks import get_family
 
     torch.set_num_threads(1)
@@ -171,7 +171,7 @@ def test_a_model_that_solves_its_task_scores_and_needs_its_tools(tmp_path):
 
 
 def test_per_model_switches_name_real_checkpoints(tmp_path):
-    from sandbox_env.evaluate import _checkpoints, _selected
+    from sandbox_env.eval.evaluate import _checkpoints, _selected
 
     cks = [{"name": "bf16", "path": str(tmp_path)}, {"name": "int4", "path": str(tmp_path)}]
     assert len(_checkpoints({"checkpoints": cks, "tools_disabled": ["bf16"], "sampled": {"models": None}})) == 2

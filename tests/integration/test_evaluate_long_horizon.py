@@ -1,6 +1,6 @@
 """K2's agentic-search setting: one episode of 300 tool calls with a tiny model in the real sandbox.
 
-The model is guided (sandbox_env.local_policy.LocalModelPolicy(guide=...)): a scripted policy decides
+The model is guided (sandbox_env.inference.policy.LocalModelPolicy(guide=...)): a scripted policy decides
 each call and its tokens are forced through the real model, so every forward runs and the KV cache is
 kept, cropped and reused exactly as in free decoding. About 1.5 minutes on one CPU thread.
 """
@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.local_policy import (
-    InferenceEngine,
-    LocalModelPolicy,
-    tiny_model_and_tokenizer,
-)
-from sandbox_env.policies import AssistantStep, EpisodeState, ToolCall
-from sandbox_env.rollout import (
+from sandbox_env.inference.engine import InferenceEngine
+from sandbox_env.inference.policy import LocalModelPolicy
+from tests.fixtures import tiny_model_and_tokenizer
+from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
+from sandbox_env.agent.rollout import (
     HIDDEN_PLACEHOLDER,
     Budgets,
     TokenCounter,

@@ -35,10 +35,11 @@ def _train_on(model, renderer, record, max_steps=400):
 @pytest.fixture(scope="module")
 def served():
     from data.render import get_renderer
-    from sandbox_env.local_policy import LoadedModel, tiny_model_and_tokenizer
-    from sandbox_env.policies import ScriptedTeacher
-    from sandbox_env.rollout import ToolEnv, run_episode
-    from sandbox_env.serve import ChatService, make_server
+    from sandbox_env.inference.loading import LoadedModel
+    from tests.fixtures import tiny_model_and_tokenizer
+    from sandbox_env.agent.teachers import ScriptedTeacher
+    from sandbox_env.agent.rollout import ToolEnv, run_episode
+    from sandbox_env.inference.server import ChatService, make_server
     from sandbox_env.tasks import get_family
 
     torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def served():
 def test_openai_client_gets_tool_calls(served):
     import openai
 
-    from sandbox_env.policies import to_openai_messages
+    from sandbox_env.agent.teachers import to_openai_messages
 
     client = openai.OpenAI(base_url=served["url"], api_key="EMPTY", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["tiny-agent"]
@@ -89,8 +90,8 @@ def test_openai_client_gets_tool_calls(served):
 
 
 def test_openai_teacher_runs_an_episode_against_the_server(served):
-    from sandbox_env.policies import OpenAITeacher
-    from sandbox_env.rollout import run_episode
+    from sandbox_env.agent.teachers import OpenAITeacher
+    from sandbox_env.agent.rollout import run_episode
 
     teacher = OpenAITeacher(base_url=served["url"], model="tiny-agent", temperature=0.0, send_reasoning=True,
                             max_retries=0, timeout_s=120)
@@ -107,7 +108,7 @@ def test_serve_cli_starts_on_a_free_port_and_lists_the_model(tmp_path):
     import urllib.request
     from pathlib import Path
 
-    from sandbox_env.local_policy import tiny_model_and_tokenizer
+    from tests.fixtures import tiny_model_and_tokenizer
 
     model, tok = tiny_model_and_tokenizer(seed=0, layers=1)
     model.save_pretrained(tmp_path / "ck")

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from data.schema import write_jsonl
-from data.testing import make_records
+from tests.fixtures import make_records
 from train.models import list_presets
 from train.recipe import run
 

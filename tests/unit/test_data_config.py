@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from data.pipeline import build_dataloader
-from data.testing import make_records, tiny_tokenizer
+from tests.fixtures import make_records, tiny_tokenizer
 
 CONFS = sorted((Path(__file__).parents[2] / "conf" / "data").glob("*.yaml"))
 NOT_LOADER = {"path", "tokenizer_vocab_size"}

@@ -9,7 +9,7 @@ import torch
 from data.pipeline import build_dataloader, pack_best_fit
 from data.render import IGNORE_INDEX, get_renderer
 from data.schema import write_trajectories
-from data.testing import long_record, make_records, tiny_tokenizer
+from tests.fixtures import long_record, make_records, tiny_tokenizer
 
 SEQ = 512
 

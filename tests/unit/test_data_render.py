@@ -11,19 +11,19 @@ import pytest
 
 from data.render import (IGNORE_INDEX, ChatTemplateRenderer, SplitStats, TinyRenderer, get_renderer,
                          render_text, strip_generation_markers)
-from data.testing import (fixture_records, long_record, make_records, multi_turn_record, python_record,
+from tests.fixtures import (probe_records, long_record, make_records, multi_turn_record, python_record,
                           qwen3_style_tokenizer, tiny_tokenizer)
 from data.tokenizer import TINY_CHAT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_tokenizer()
+def tiny(tiny_tok):
+    return tiny_tok
 
 
 @pytest.fixture(scope="module")
-def qwen():
-    return qwen3_style_tokenizer()
+def qwen(qwen_tok):
+    return qwen_tok
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_parity_every_step(renderer):
     tokens == what the model must emit (the full render of the step minus the prompt)."""
     tok = renderer.tokenizer
     checked = 0
-    for rec in fixture_records() + make_records(10, seed=3):
+    for rec in probe_records() + make_records(10, seed=3):
         msgs, tools = rec["messages"], rec.get("tools")
         docs = renderer.render_documents(rec)
         turns = [(u, s) for u, s in _turn_steps(msgs) if s]
@@ -97,10 +97,10 @@ def test_parity_every_step(renderer):
                 # the labelled step parses back to the assistant message it came from
                 got = renderer.parse_assistant(ids[a:b])
                 want = msgs[j]
-                assert got["finished"] and "error" not in got
-                assert got["content"] == (want.get("content") or "")
-                assert got["reasoning_content"] == (want.get("reasoning_content") or "")
-                assert [(c["function"]["name"], c["function"]["arguments"]) for c in got["tool_calls"]] == \
+                assert got.finished and not got.parse_errors
+                assert got.content == (want.get("content") or "")
+                assert got.reasoning_content == (want.get("reasoning_content") or "")
+                assert [(c.name, c.arguments) for c in got.tool_calls] == \
                     [(c["function"]["name"], c["function"]["arguments"]) for c in want.get("tool_calls") or []]
                 checked += 1
     assert checked >= 35
@@ -145,7 +145,7 @@ def test_reasoning_dropped_from_completed_turns(renderer):
 
 
 def test_jinja_template_equals_python_render(tiny):
-    for rec in fixture_records() + [long_record(3)]:
+    for rec in probe_records() + [long_record(3)]:
         msgs, tools = rec["messages"], rec.get("tools")
         for j in range(1, len(msgs) + 1):
             for gen in (False, True):
@@ -200,7 +200,7 @@ def test_qwen3_training_template_renders_as_inference(qwen):
     r = get_renderer(qwen)
     assert r.training_template != qwen.chat_template
     assert strip_generation_markers(r.training_template).strip() == qwen.chat_template.strip()
-    for rec in fixture_records() + [long_record(2)]:
+    for rec in probe_records() + [long_record(2)]:
         msgs, tools = rec["messages"], rec.get("tools")
         for j in range(1, len(msgs) + 1):
             for gen in (False, True):
@@ -243,7 +243,7 @@ def test_split_at_step_boundaries(renderer):
             if f"{s * 100} {(s * 100) ** 2}\n" in text:
                 assert f"range({s * 100}, " in text
     # every step labelled exactly once, in order
-    assert [e["content"] for e in emitted] == [m["content"] for m in msgs if m["role"] == "assistant"]
+    assert [e.content for e in emitted] == [m["content"] for m in msgs if m["role"] == "assistant"]
     assert st.label_tokens == sum(sum(1 for t in p["labels"] if t != IGNORE_INDEX) for p in pieces)
     # a later piece keeps the most recent steps as context (unlabelled)
     assert "Block 10." in renderer.decode(pieces[-1]["input_ids"])
@@ -257,7 +257,7 @@ def test_split_drops_and_counts_oversized_step(renderer):
     st = SplitStats()
     pieces = renderer.render_documents(rec, max_len=600, stats=st)
     assert st.dropped_steps == 2 and st.dropped_step_tokens > 600
-    labelled = [renderer.parse_assistant(p["input_ids"][a:b])["content"]
+    labelled = [renderer.parse_assistant(p["input_ids"][a:b]).content
                 for p in pieces for a, b in _runs(p["labels"])]
     assert labelled == ["Block 0.", "Answer: done"]
     assert all(len(p["input_ids"]) <= 600 for p in pieces)
@@ -268,20 +268,20 @@ def test_parse_malformed_tool_calls(tiny, qwen):
     got = t.parse_assistant("<think>hm</think><|tool_calls_section_begin|><|tool_call_begin|>functions.python:0"
                             "<|tool_call_argument_begin|>{\"code\": 1<|tool_call_end|><|tool_call_begin|>functions.open:1"
                             "<|tool_call_argument_begin|>[1]<|tool_call_end|><|tool_calls_section_end|><|im_end|>")
-    assert got["reasoning_content"] == "hm" and got["finished"]
-    c0, c1 = got["tool_calls"]
-    assert "not valid JSON" in c0["error"] and c0["function"]["arguments"] == '{"code": 1'
-    assert "must be a JSON object" in c1["error"] and c1["function"]["name"] == "open"
+    assert got.reasoning_content == "hm" and got.finished
+    c0, c1 = got.tool_calls
+    assert "not valid JSON" in c0.error and c0.arguments == '{"code": 1'
+    assert "must be a JSON object" in c1.error and c1.name == "open"
     got = t.parse_assistant("<think>x</think><|tool_calls_section_begin|><|tool_call_begin|>functions.python:0")
-    assert "not closed" in got["error"] and "malformed" in got["tool_calls"][0]["error"] and not got["finished"]
+    assert "not closed" in got.errors[0] and "malformed" in got.tool_calls[0].error and not got.finished
     got = t.parse_assistant("<think>still thinking")
-    assert "inside <think>" in got["error"]
+    assert "inside <think>" in got.errors[0]
     q = get_renderer(qwen)
     got = q.parse_assistant('<think>\nr\n</think>\n\nhi\n<tool_call>\n{"name": "python", "arguments": {"code": "1"}}\n'
                             '</tool_call>\n<tool_call>\nnot json\n</tool_call><|im_end|>')
-    assert got["content"] == "hi" and got["reasoning_content"] == "r"
-    assert got["tool_calls"][0]["function"] == {"name": "python", "arguments": {"code": "1"}}
-    assert "error" in got["tool_calls"][1]
+    assert got.content == "hi" and got.reasoning_content == "r"
+    assert (got.tool_calls[0].name, got.tool_calls[0].arguments, got.tool_calls[0].error) == ("python", {"code": "1"}, None)
+    assert "not a JSON object" in got.tool_calls[1].error
 
 
 def test_tiny_sliced_pieces_equal_fresh_renders(tiny):
@@ -348,7 +348,7 @@ def test_split_huge_tool_output_keeps_the_call(renderer):
     rec["messages"][5]["content"] = "w " * 3000  # result of step 1 (call_1)
     st = SplitStats()
     pieces = renderer.render_documents(rec, max_len=600, stats=st)
-    labelled = [renderer.parse_assistant(p["input_ids"][a:b])["content"] for p in pieces for a, b in _runs(p["labels"])]
+    labelled = [renderer.parse_assistant(p["input_ids"][a:b]).content for p in pieces for a, b in _runs(p["labels"])]
     assert labelled == ["Block 0.", "Block 1.", "Answer: done"]
     assert st.dropped_steps == 1 and 0 < st.dropped_step_tokens < 100  # "Block 2." lost, not the output
     for p in pieces:

@@ -6,7 +6,7 @@ import numpy as np
 
 from data.report import main
 from data.schema import write_jsonl
-from data.testing import long_record, make_records, tiny_tokenizer
+from tests.fixtures import long_record, make_records, tiny_tokenizer
 
 
 def test_report_on_jsonl_with_a_bad_record(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from data.schema import (TrajectoryError, read_jsonl, read_trajectories, validate_record, write_jsonl,
                          write_trajectories)
-from data.testing import fixture_records, make_records, python_record
+from tests.fixtures import probe_records, make_records, python_record
 
 
 def test_fixtures_are_valid():
@@ -60,7 +60,7 @@ def test_tool_result_must_answer_latest_step():
 
 
 def test_datasets_round_trip_exact(tmp_path):
-    recs = fixture_records()
+    recs = probe_records()
     recs[0]["messages"][2]["tool_calls"][0]["function"]["arguments"] = {
         "code": "x", "nested": {"a": [1, 2.5, None, True]}, "ü": "数"}
     recs[1]["metadata"] = {"anything": [1, {"b": None}], "f": 0.1}

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from data.testing import make_records
-from sandbox_env.evaluate import _checkpoints
-from sandbox_env.local_policy import tiny_model_and_tokenizer
-from sandbox_env.metrics import (
+from tests.fixtures import make_records
+from sandbox_env.eval.evaluate import _checkpoints
+from tests.fixtures import tiny_model_and_tokenizer
+from sandbox_env.eval.metrics import (
     family_rows,
     markdown_table,
     summarize_episodes,
@@ -87,9 +87,9 @@ def test_checkpoint_list_errors_name_the_setting(tmp_path):
 def test_a_failing_episode_counts_as_a_failure_with_its_reason():
     """A checkpoint whose tokenizer does not fit its model (ids past the embedding) fails every episode;
     the evaluation goes on and scores them as failures with the error, never dropping them."""
-    from sandbox_env.evaluate import run_model
-    from sandbox_env.local_policy import LoadedModel
-    from sandbox_env.rollout import Budgets, ToolEnv
+    from sandbox_env.eval.evaluate import run_model
+    from sandbox_env.inference.loading import LoadedModel
+    from sandbox_env.agent.rollout import Budgets, ToolEnv
     from sandbox_env.tasks import get_family
     from train.models import build_model, load_preset
 
@@ -108,7 +108,7 @@ def test_a_failing_episode_counts_as_a_failure_with_its_reason():
 
 
 def test_mcnemar_exact_p_values():
-    from sandbox_env.metrics import mcnemar
+    from sandbox_env.eval.metrics import mcnemar
 
     ref = {f"t{i}": True for i in range(10)}
     # 5 tasks lost, none gained: p = 2 * (1/2)^5
@@ -127,7 +127,7 @@ def test_mcnemar_exact_p_values():
 
 
 def test_plots_are_written_for_many_models_and_zero_kl(tmp_path):
-    from sandbox_env.metrics import plot_kl_per_layer, plot_success_by_model
+    from sandbox_env.eval.metrics import plot_kl_per_layer, plot_success_by_model
 
     summaries = {f"ptq_gptq_int{b}_g32_variant{i}": {"success": 0.1 * i, "ci_low": 0.0, "ci_high": min(1.0, 0.1 * i + 0.2)}
                  for b in (4, 3) for i in range(8)}

@@ -223,7 +223,7 @@ def dense_checkpoint(tmp_path_factory):
     """A tiny dense Qwen3-MoE with its own tokenizer, as the BF16 training run would save it, and
     trajectories to calibrate on."""
     from data.schema import write_jsonl
-    from data.testing import make_records
+    from tests.fixtures import make_records
     from data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("ptq")

@@ -8,15 +8,12 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.heavy import answer_key, majority_vote, run_heavy
-from sandbox_env.local_policy import (
-    InferenceEngine,
-    LocalModelPolicy,
-    SamplingConfig,
-    tiny_model_and_tokenizer,
-)
-from sandbox_env.policies import AssistantStep, EpisodeState
-from sandbox_env.rollout import Budgets, TokenCounter, ToolEnv
+from sandbox_env.agent.heavy import answer_key, majority_vote, run_heavy
+from sandbox_env.inference.engine import InferenceEngine, SamplingConfig
+from sandbox_env.inference.policy import LocalModelPolicy
+from tests.fixtures import tiny_model_and_tokenizer
+from sandbox_env.agent.types import AssistantStep, EpisodeState
+from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv
 from sandbox_env.tasks import get_family
 
 torch.set_num_threads(1)
@@ -39,7 +36,7 @@ class Guesser:
     name = "guesser"
 
     def act(self, messages, tools, state: EpisodeState) -> AssistantStep:
-        from sandbox_env.policies import ToolCall
+        from sandbox_env.agent.types import ToolCall
 
         if state.step == 0:
             return AssistantStep("check", "", [ToolCall("python", {"code": "print(1)"}, "c0")])

@@ -1,7 +1,7 @@
 """The local-model policy and its engine: cache reuse is exact, batching changes nothing, budgets
 hold, malformed calls are survivable. (The 300-call episode: tests/integration/test_evaluate_long_horizon.py.)
 
-Models are tiny and randomly initialised (sandbox_env.local_policy.tiny_model_and_tokenizer).
+Models are tiny and randomly initialised (tests.fixtures.tiny_model_and_tokenizer).
 Where an episode needs valid tool calls, the policy is *guided*: a small scripted policy decides
 each step and its tokens are forced through the real model (every forward runs, the KV cache is
 kept and cropped as in free decoding); the engine's own free decoding is tested token for token
@@ -16,18 +16,12 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.local_policy import (
-    InferenceEngine,
-    KVCache,
-    LocalModelPolicy,
-    Request,
-    SamplingConfig,
-    checkpoint_kind,
-    load_policy_model,
-    tiny_model_and_tokenizer,
-)
-from sandbox_env.policies import AssistantStep, EpisodeState, ToolCall
-from sandbox_env.rollout import (
+from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, SamplingConfig
+from sandbox_env.inference.loading import checkpoint_kind, load_policy_model
+from sandbox_env.inference.policy import LocalModelPolicy
+from tests.fixtures import tiny_model_and_tokenizer
+from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
+from sandbox_env.agent.rollout import (
     HIDDEN_PLACEHOLDER,
     SYSTEM_PROMPT,
     Budgets,
@@ -41,8 +35,8 @@ torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (co
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, tok = tiny_model_and_tokenizer(seed=0)
+def tiny(tiny_lm):
+    model, tok = tiny_lm
     return model, tok, get_renderer(tok)
 
 
@@ -135,7 +129,7 @@ def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
     assert len(ids) == 12 and end_think not in ids[5:]  # and the model went on decoding the visible part
     # the thinking is those 3 tokens' text (compared as text: 3 byte-level tokens may end inside a UTF-8
     # character, and re-encoding the replacement character would count more tokens)
-    assert r.parse_assistant(ids)["reasoning_content"].strip() == r.decode(ids[1:4]).strip()
+    assert r.parse_assistant(ids).reasoning_content.strip() == r.decode(ids[1:4]).strip()
 
 
 def test_sampling_is_seeded(tiny):
@@ -254,7 +248,7 @@ def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny, tmp_path):
 
 def test_guided_body_ids_equal_the_training_labels(tiny):
     """The fast path of assistant_body_ids (tiny format) gives exactly the labelled tokens of the training render."""
-    from sandbox_env.local_policy import assistant_body_ids
+    from sandbox_env.inference.policy import assistant_body_ids
 
     _model, _tok, r = tiny
     msgs = _conversation(3)
@@ -267,13 +261,13 @@ def test_guided_body_ids_equal_the_training_labels(tiny):
     labels = r.render_documents({"messages": msgs + [msg]})[-1]["labels"]
     end = len(labels)
     assert labels[end - len(fast):] == fast and labels[end - len(fast) - 1] == -100
-    assert r.parse_assistant(fast)["tool_calls"][0]["function"]["arguments"] == {"code": "print(1)"}
+    assert r.parse_assistant(fast).tool_calls[0].arguments == {"code": "print(1)"}
 
 
 def test_policy_with_a_real_chat_template_renderer():
-    """A real model's chat template (Qwen3-style, data.testing.qwen3_style_tokenizer): guided steps go
+    """A real model's chat template (Qwen3-style, tests.fixtures.qwen3_style_tokenizer): guided steps go
     through the training template's labels, the cache is reused across steps, the calls parse back."""
-    from data.testing import qwen3_style_tokenizer
+    from tests.fixtures import qwen3_style_tokenizer
     from train.models import build_model, load_preset
 
     tok = qwen3_style_tokenizer(vocab_size=512)

@@ -11,16 +11,10 @@ import threading
 import pytest
 
 from data.schema import validate_record
-from sandbox_env.corpus import CorpusConfig, ensure_corpus
-from sandbox_env.policies import (
-    AssistantStep,
-    EpisodeState,
-    OpenAITeacher,
-    ScriptedTeacher,
-    build_policy,
-    to_openai_messages,
-)
-from sandbox_env.rollout import Budgets, ToolEnv, run_episode
+from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
+from sandbox_env.agent.teachers import OpenAITeacher, ScriptedTeacher, build_policy, to_openai_messages
+from sandbox_env.agent.types import AssistantStep, EpisodeState
+from sandbox_env.agent.rollout import Budgets, ToolEnv, run_episode
 from sandbox_env.tasks import family_names, get_family
 
 VARIANTS = [(n, {}) for n in family_names() if n != "retrieval"] + [("retrieval", {"hops": 1}), ("retrieval", {"hops": 3})]
@@ -83,7 +77,7 @@ def test_brief_style_makes_the_same_calls_with_less_text(world, name, kw):
 
 
 def test_brief_style_first_sentence_ignores_quoted_and_numeric_stops():
-    from sandbox_env.policies import _first_sentence
+    from sandbox_env.agent.teachers import _first_sentence
 
     assert _first_sentence('The search lists "1. [doc_id: p-1] A B": id p-1 is "A B". Opening it.') == \
         'The search lists "1. [doc_id: p-1] A B": id p-1 is "A B".'

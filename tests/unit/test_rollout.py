@@ -9,8 +9,8 @@ import json
 import pytest
 
 from data.schema import validate_record
-from sandbox_env.policies import AssistantStep, ToolCall
-from sandbox_env.rollout import (
+from sandbox_env.agent.types import AssistantStep, ToolCall
+from sandbox_env.agent.rollout import (
     EMPTY_REPLY,
     HIDDEN_PLACEHOLDER,
     Budgets,

@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from sandbox_env import SearchIndex
-from sandbox_env.search_index import fts5_query
+from sandbox_env.sandbox.search_index import fts5_query
 
 DOCS = [
     {"id": "bridge", "title": "The Orvane Bridge",

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from sandbox_env.corpus import ATTRIBUTES, RELATIONS, Corpus, CorpusConfig
+from sandbox_env.tasks.corpus import ATTRIBUTES, RELATIONS, Corpus, CorpusConfig
 from sandbox_env.tasks import (
     SPLITS,
     extract_answer,
@@ -221,7 +221,7 @@ def test_float_answers_use_a_relative_tolerance():
 
 def test_ensure_corpus_builds_once_and_indexes_every_document(tmp_path):
     from sandbox_env import SearchIndex
-    from sandbox_env.corpus import ensure_corpus
+    from sandbox_env.tasks.corpus import ensure_corpus
 
     cfg = CorpusConfig(seed=3, people=20, companies=6, places=6)
     corpus, path = ensure_corpus(cfg, tmp_path)

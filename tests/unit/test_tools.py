@@ -163,7 +163,7 @@ def test_internal_failures_do_not_raise(index, tmp_path):
 def test_compact_declarations_keep_names_parameters_and_types():
     full = ToolBox(sandbox=None, index=None, tools=()).schemas()
     assert full == []
-    from sandbox_env.tools import _SPECS, TOOL_NAMES, _compact_spec
+    from sandbox_env.sandbox.tools import _SPECS, TOOL_NAMES, _compact_spec
     for name in TOOL_NAMES:
         c = _compact_spec(name)
         f = _SPECS[name]["parameters"]

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data.schema import write_jsonl
-from data.testing import make_records
+from tests.fixtures import make_records
 from train.recipe import TrainRecipe, run, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]

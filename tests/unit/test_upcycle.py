@@ -13,7 +13,7 @@ from train.upcycle import UpcycleConfig, count_params, resolve_source, run, upcy
 def _tiny_dense(tmp_path, model_type="llama", **kw):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    from data.testing import tiny_tokenizer
+    from tests.fixtures import tiny_tokenizer
 
     cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if model_type == "llama" else (MistralForCausalLM, MistralConfig)
     tok = tiny_tokenizer(vocab_size=512)

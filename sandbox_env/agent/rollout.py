@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from sandbox_env.policies import AssistantStep, EpisodeState, Policy
+from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy
 
 HIDDEN_PLACEHOLDER = "[tool output hidden to save context]"
 EMPTY_REPLY = "[empty reply]"  # stands in for a final turn with neither text nor tool calls

@@ -1,14 +1,14 @@
-"""Hand-written trajectories of every shape the rollout loop makes, for tests and benchmarks.
+"""Probe conversations: one hand-written trajectory of every shape the rollout loop makes.
 
-They stand in for generated data until (and besides) `sandbox_env.generate`: a python-tool
-step, search + open, parallel tool calls, multi-turn conversations where K2-style reasoning
-dropping matters, a final answer without tools, and non-ASCII text. `make_records(n)` cycles
-through them with varied numbers so a corpus has some spread of lengths.
+A python-tool step, search + open, parallel tool calls, multi-turn conversations where K2-style
+reasoning dropping matters, a final answer without tools, and non-ASCII text. Chat templates are
+compared on them (`data.render.renders_alike`: two templates that render every prefix of every
+probe alike are taken as the same format), and the tests build their corpora from them
+(tests/fixtures.py).
 """
 
 from __future__ import annotations
 
-import copy
 
 PYTHON_TOOL = {"type": "function", "function": {
     "name": "python", "description": "Run Python code in a sandbox; returns stdout.",
@@ -23,7 +23,7 @@ OPEN_TOOL = {"type": "function", "function": {
 SYSTEM = "You are a careful assistant. Think, use tools when they help, then answer as 'Answer: <x>'."
 
 
-def _call(i: int, name: str, args: dict) -> dict:
+def tool_call(i: int, name: str, args: dict) -> dict:
     return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
 
 
@@ -34,7 +34,7 @@ def python_record(a: int = 2, b: int = 100) -> dict:
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"What is {a}**{b}?"},
             {"role": "assistant", "content": "", "reasoning_content": f"Big power; compute {a}**{b} with python.",
-             "tool_calls": [_call(0, "python", {"code": f"print({a}**{b})"})]},
+             "tool_calls": [tool_call(0, "python", {"code": f"print({a}**{b})"})]},
             {"role": "tool", "tool_call_id": "call_0", "name": "python", "content": f"{val}\n"},
             {"role": "assistant", "content": f"Answer: {val}", "reasoning_content": f"The tool printed {val}."},
         ],
@@ -52,11 +52,11 @@ def search_open_record(topic: str = "Ada Lovelace", year: int = 1843) -> dict:
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"In which year did {topic} publish the Notes?"},
             {"role": "assistant", "content": "Let me search.", "reasoning_content": "I should search the corpus.",
-             "tool_calls": [_call(0, "search", {"query": f"{topic} notes", "k": 3})]},
+             "tool_calls": [tool_call(0, "search", {"query": f"{topic} notes", "k": 3})]},
             {"role": "tool", "tool_call_id": "call_0", "name": "search",
              "content": f"1. doc-17: {topic} (biography)\n2. doc-4: Analytical Engine\n3. doc-9: Babbage"},
             {"role": "assistant", "content": "", "reasoning_content": "doc-17 looks right; open it.",
-             "tool_calls": [_call(1, "open", {"id": "doc-17"})]},
+             "tool_calls": [tool_call(1, "open", {"id": "doc-17"})]},
             {"role": "tool", "tool_call_id": "call_1", "name": "open",
              "content": f"{topic} translated Menabrea's paper and added notes, published in {year}."},
             {"role": "assistant", "content": f"Answer: {year}", "reasoning_content": f"The document says {year}."},
@@ -74,8 +74,8 @@ def parallel_calls_record(x: int = 12, y: int = 30) -> dict:
         "messages": [
             {"role": "user", "content": f"Compute {x}*{y} and {x}+{y}; reply with both."},
             {"role": "assistant", "content": "", "reasoning_content": "Two independent computations; call twice.",
-             "tool_calls": [_call(0, "python", {"code": f"print({x}*{y})"}),
-                            _call(1, "python", {"code": f"print({x}+{y})"})]},
+             "tool_calls": [tool_call(0, "python", {"code": f"print({x}*{y})"}),
+                            tool_call(1, "python", {"code": f"print({x}+{y})"})]},
             {"role": "tool", "tool_call_id": "call_0", "name": "python", "content": f"{x * y}\n"},
             {"role": "tool", "tool_call_id": "call_1", "name": "python", "content": f"{x + y}\n"},
             {"role": "assistant", "content": f"Answer: {x * y}, {x + y}", "reasoning_content": "Both printed."},
@@ -94,14 +94,14 @@ def multi_turn_record(n: int = 7) -> dict:
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"Square {n}."},
             {"role": "assistant", "content": "", "reasoning_content": "Use python to square it.",
-             "tool_calls": [_call(0, "python", {"code": f"print({n}*{n})"})]},
+             "tool_calls": [tool_call(0, "python", {"code": f"print({n}*{n})"})]},
             {"role": "tool", "tool_call_id": "call_0", "name": "python", "content": f"{n * n}\n"},
             {"role": "assistant", "content": f"Answer: {n * n}", "reasoning_content": "Printed the square."},
             {"role": "user", "content": "Now cube it, no tools."},
             {"role": "assistant", "content": f"Answer: {n ** 3}", "reasoning_content": f"{n}^3 = {n ** 3}."},
             {"role": "user", "content": "Finally, its factorial's digit count, é à ü — 数字?"},
             {"role": "assistant", "content": "", "reasoning_content": "Factorial is big; python.",
-             "tool_calls": [_call(1, "python", {"code": f"import math\nprint(len(str(math.factorial({n}))))"})]},
+             "tool_calls": [tool_call(1, "python", {"code": f"import math\nprint(len(str(math.factorial({n}))))"})]},
             {"role": "tool", "tool_call_id": "call_1", "name": "python",
              "content": f"{len(str(__import__('math').factorial(n)))}\n"},
             {"role": "assistant", "content": f"Answer: {len(str(__import__('math').factorial(n)))}",
@@ -124,63 +124,7 @@ def no_tool_record(q: str = "Say hi in French.", a: str = "Answer: Bonjour !") -
     }
 
 
-def fixture_records() -> list[dict]:
+def probe_records() -> list[dict]:
     """One of each shape (fresh copies)."""
     return [python_record(), search_open_record(), parallel_calls_record(), multi_turn_record(),
             no_tool_record()]
-
-
-def make_records(n: int, seed: int = 0) -> list[dict]:
-    """`n` records cycling through all shapes with varied numbers (deterministic for `seed`)."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        kind = i % 5
-        if kind == 0:
-            rec = python_record(rng.randint(2, 9), rng.randint(10, 300))
-        elif kind == 1:
-            rec = search_open_record(rng.choice(["Ada Lovelace", "Alan Turing", "Grace Hopper"]), rng.randint(1800, 2000))
-        elif kind == 2:
-            rec = parallel_calls_record(rng.randint(1, 999), rng.randint(1, 999))
-        elif kind == 3:
-            rec = multi_turn_record(rng.randint(3, 60))
-        else:
-            rec = no_tool_record(f"Say hi #{i} in French.", f"Answer: Bonjour {i} !")
-        out.append(copy.deepcopy(rec))
-    return out
-
-
-def long_record(steps: int = 12, output_lines: int = 20) -> dict:
-    """One turn with many python steps and long tool outputs: for splitting at step boundaries."""
-    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tabulate squares, step by step."}]
-    for s in range(steps):
-        msgs.append({"role": "assistant", "content": f"Block {s}.", "reasoning_content": f"Next block {s}.",
-                     "tool_calls": [_call(s, "python", {"code": f"for i in range({s * 100}, {s * 100 + output_lines}): print(i, i*i)"})]})
-        msgs.append({"role": "tool", "tool_call_id": f"call_{s}", "name": "python",
-                     "content": "".join(f"{i} {i * i}\n" for i in range(s * 100, s * 100 + output_lines))})
-    msgs.append({"role": "assistant", "content": "Answer: done", "reasoning_content": "All blocks printed."})
-    return {"messages": msgs, "tools": [PYTHON_TOOL],
-            "task": {"family": "arith", "id": "long", "split": "train", "prompt": "", "answer": ""},
-            "verdict": {"correct": True, "answer": "done", "reason": "fixture"}, "metadata": {"steps": steps + 1}}
-
-
-def tiny_tokenizer(vocab_size: int = 1024, n_records: int = 50):
-    """A tiny K2-style tokenizer trained on the fixtures (about a second on one core)."""
-    from data.tokenizer import train_tokenizer
-
-    return train_tokenizer(make_records(n_records) + [long_record()], vocab_size=vocab_size)
-
-
-def qwen3_style_tokenizer(vocab_size: int = 1024):
-    """Our byte-level BPE with Qwen3's chat tokens and the Qwen3-style *inference* template
-    (data/templates/qwen3_training.jinja without its generation markers): stands in for a real
-    model's tokenizer, which tests cannot download."""
-    from data.render import TEMPLATES_DIR, strip_generation_markers
-
-    tok = tiny_tokenizer(vocab_size)
-    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>"]}, replace_extra_special_tokens=False)
-    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])
-    tok.chat_template = strip_generation_markers((TEMPLATES_DIR / "qwen3_training.jinja").read_text())
-    return tok

@@ -1,4 +1,4 @@
-"""Policies: what decides the next assistant turn in the rollout loop.
+"""Teachers: the policies that write the training trajectories.
 
 Every policy implements one method, `act(messages, tools, state) -> AssistantStep`: given the
 conversation so far (OpenAI/HF message dicts, as the model would see it after context
@@ -22,48 +22,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-
-@dataclass
-class ToolCall:
-    """One tool call. `arguments` is a dict, or the raw JSON text a model emitted (which may be
-    malformed: the loop reports that back to the model as a tool error)."""
-
-    name: str
-    arguments: dict[str, Any] | str
-    id: str | None = None
-
-
-@dataclass
-class AssistantStep:
-    """One assistant turn: thinking, visible text, tool calls (none = final answer)."""
-
-    reasoning_content: str = ""
-    content: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-
-
-@dataclass
-class EpisodeState:
-    """What the loop tells the policy besides the messages. `scratch` is the policy's own
-    per-episode memory; `notes` are counters the policy reports into the record's metadata."""
-
-    task: Any  # sandbox_env.tasks.Task
-    family: Any  # sandbox_env.tasks.TaskFamily
-    seed: int
-    step: int = 0
-    max_thinking_tokens: int | None = None
-    tokens_left: int | None = None
-    scratch: dict[str, Any] = field(default_factory=dict)
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-class Policy(Protocol):
-    name: str
-
-    def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], state: EpisodeState) -> AssistantStep: ...
+from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy, ToolCall
 
 
 def _tool_results_since_last_assistant(messages: list[dict[str, Any]]) -> list[str]:

@@ -27,118 +27,17 @@ Shape legend: B batch rows, H key/value heads, S cached positions, D head dim, V
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from sandbox_env.policies import AssistantStep, EpisodeState, Policy, ToolCall
-
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None, "auto": None}
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint ready to decode: the model (eval mode), its tokenizer, and what kind it was."""
-
-    model: Any
-    tokenizer: Any
-    kind: str  # "hf" (BF16/FP32 HF dir), "fake_quant" (QAT training checkpoint), "int4" (compressed-tensors)
-    path: str
-
-
-def checkpoint_kind(path: str | Path) -> str:
-    """What a checkpoint directory holds, from the files present: "int4" when config.json has a
-    compressed-tensors quantization_config, "fake_quant" when a qat_config.json sits beside the
-    weights (a training checkpoint), "hf" otherwise."""
-    p = Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"checkpoint path={str(p)!r} has no config.json; point it at a Hugging Face model dir, "
-                         "a training checkpoint (runs/.../step_000100) or an INT4 export dir")
-    qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") == "compressed-tensors":
-        return "int4"
-    if (p / "qat_config.json").is_file():
-        return "fake_quant"
-    return "hf"
-
-
-def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
-                      tokenizer_path: str | Path | None = None, ptq: str | None = None,
-                      ptq_config: dict | None = None) -> LoadedModel:
-    """Load any checkpoint the project makes as an evaluation model.
-
-    - "hf": `AutoModelForCausalLM.from_pretrained`.
-    - "fake_quant": the same, then `qat.prepare` with the saved QuantConfig and the saved observer
-      state, so the evaluated model is exactly the fake-quant model training optimised.
-    - "int4": `qat.load.load_int4` (packed INT4 experts, int4 kernels).
-    `dtype`: "float32" | "bfloat16" | "float16" | None (as saved). `ptq`: a `qat.ptq` method
-    ("rtn", "rtn_mse", "nf4_b32", ...) applied in memory to the routed experts of an "hf"
-    checkpoint: the post-training-quantization baselines of the comparison (kind "ptq:<method>")."""
-    from transformers import AutoModelForCausalLM
-
-    from data.tokenizer import load_tokenizer
-
-    if isinstance(dtype, str) or dtype is None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {[k for k in DTYPES if k]} or null")
-        torch_dtype = DTYPES[dtype]
-    else:
-        torch_dtype = dtype
-    kind = checkpoint_kind(path)
-    p = Path(path)
-    if kind == "int4":
-        from qat.load import load_int4
-
-        model = load_int4(str(p), dtype=torch_dtype, device=device)
-    else:
-        if kind == "fake_quant":
-            from qat.export import load_qat_checkpoint
-
-            model = load_qat_checkpoint(p, dtype=torch_dtype or "auto").to(device)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype or "auto").to(device)
-    if ptq:
-        if kind != "hf":
-            raise ValueError(f"ptq={ptq!r} applies to a dense HF checkpoint, but {str(p)!r} is a {kind} checkpoint; "
-                             "point path at the BF16 model the baseline quantizes")
-        from qat.ptq import METHODS, apply_ptq
-
-        if ptq not in METHODS:
-            raise ValueError(f"ptq={ptq!r} is not a calibration-free qat.ptq method; choose one of {list(METHODS)} "
-                             f"(GPTQ: evaluate the checkpoint `python -m train.ptq` writes)")
-        from qat import QuantConfig
-
-        apply_ptq(model, ptq, QuantConfig(**ptq_config) if ptq_config else None)
-        kind = f"ptq:{ptq}"
-    model.eval()
-    tok_dir = Path(tokenizer_path) if tokenizer_path else p
-    if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ValueError(f"checkpoint {str(p)!r} has no tokenizer files; pass tokenizer_path= (the training "
-                         "run's tokenizer dir)")
-    return LoadedModel(model, load_tokenizer(tok_dir), kind, str(p))
-
-
-def checkpoint_bytes(path: str | Path) -> int:
-    """Bytes of the weight files (*.safetensors, *.bin) of a checkpoint dir: its size on disk as a model."""
-    p = Path(path)
-    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
-
-
-# ----------------------------------------------------------------------------- the engine
 
 
 @dataclass
@@ -353,7 +252,7 @@ class InferenceEngine:
             layers, covered = None, 0
             if req.cache is not None and req.cache.layers is not None:
                 # Longest common prefix, but feed at least one token: the next-token logits need a forward.
-                k = _common_prefix(req.cache.ids, prompt)
+                k = common_prefix(req.cache.ids, prompt)
                 k = min(k, len(prompt) - 1)
                 if k > 0:
                     layers = [(kk[:, :, :k], vv[:, :, :k]) for kk, vv in req.cache.layers]
@@ -500,7 +399,7 @@ def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -514,131 +413,3 @@ def _pad_left(x: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = n
     return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim)
-
-
-# ----------------------------------------------------------------------------- the policy
-
-
-def assistant_body_ids(renderer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                       step: AssistantStep) -> list[int]:
-    """The token ids a model must emit for `step` after `render_prompt(messages, tools)`: the
-    labelled tokens of that assistant message in the training render (train/inference parity)."""
-    msg: dict[str, Any] = {"role": "assistant", "content": step.content or "", "reasoning_content": step.reasoning_content or ""}
-    if step.tool_calls:
-        msg["tool_calls"] = [{"id": c.id or f"call_g{j}", "type": "function",
-                              "function": {"name": c.name, "arguments": c.arguments}}
-                             for j, c in enumerate(step.tool_calls)]
-    from data.render import TinyRenderer, render_text
-
-    if isinstance(renderer, TinyRenderer):
-        # The K2-style format tokenizes each block on its own (structure lives in special tokens), so the
-        # message rendered alone, call numbers counted over the whole conversation, is the same tokens.
-        msgs = list(messages) + [msg]
-        ids = renderer.encode_text(render_text(msgs, None, keep=[len(msgs) - 1]))
-        head = renderer.encode_text(render_text([], None, add_generation_prompt=True))
-        assert ids[: len(head)] == head, "the assistant block does not start with the generation prompt"
-        return ids[len(head):]
-    docs = renderer.render_documents({"messages": list(messages) + [msg], "tools": tools or None})
-    labels = docs[-1]["labels"]
-    end = max(i for i, x in enumerate(labels) if x != -100) + 1
-    start = end
-    while start > 0 and labels[start - 1] != -100:
-        start -= 1
-    return list(labels[start:end])
-
-
-class LocalModelPolicy:
-    """A local checkpoint as the rollout policy (the `Policy` protocol of sandbox_env.policies).
-
-    Each episode keeps its KV cache in `state.scratch["kv"]`. `tools_enabled=False` renders the
-    prompt without tool declarations (the model must answer from its own knowledge). `guide`: a
-    policy whose steps are forced through the model token by token (guided decoding) — the model
-    runs every forward and keeps its cache, but emits the guide's tokens; this drives tiny random
-    models through long, valid episodes in tests and benchmarks. Per-step counters go to
-    `state.notes` (the record's metadata): prefill/reused/decode tokens, peak cache length, forced
-    think closes, parse errors."""
-
-    def __init__(self, engine: InferenceEngine, *, name: str = "local", sampling: SamplingConfig | None = None,
-                 tools_enabled: bool = True, reuse_cache: bool = True, guide: Policy | None = None,
-                 batched: bool = True):
-        self.engine = engine
-        self.renderer = engine.renderer
-        self.name = name
-        self.sampling = sampling or SamplingConfig()
-        self.tools_enabled = tools_enabled
-        self.reuse_cache = reuse_cache
-        self.guide = guide
-        self.batched = batched
-
-    def request(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], state: EpisodeState) -> Request:
-        shown_tools = tools if self.tools_enabled else None
-        prompt = self.renderer.render_prompt(messages, shown_tools)
-        cache = state.scratch.setdefault("kv", KVCache()) if self.reuse_cache else None
-        max_new = self.sampling.max_new_tokens
-        if state.tokens_left is not None:
-            max_new = max(1, min(max_new, state.tokens_left + 8))  # + a few structural tokens the loop does not count
-        force = []
-        if self.guide is not None:
-            force = assistant_body_ids(self.renderer, messages, shown_tools, self.guide.act(messages, tools, state))
-            max_new = max(max_new, len(force))
-        task_id = getattr(state.task, "id", "")
-        return Request(prompt_ids=prompt, cache=cache, max_new_tokens=max_new,
-                       max_thinking_tokens=state.max_thinking_tokens, temperature=self.sampling.temperature,
-                       top_p=self.sampling.top_p, seed=_seed_of(task_id, state.seed, state.step), force_ids=force)
-
-    def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], state: EpisodeState) -> AssistantStep:
-        req = self.request(messages, tools, state)
-        res = self.engine.submit(req) if self.batched else self.engine.generate([req])[0]
-        return self.to_step(res, state)
-
-    def to_step(self, res: Result, state: EpisodeState) -> AssistantStep:
-        parsed = self.renderer.parse_assistant(res.token_ids)
-        n = state.notes
-        n["prefill_tokens"] = n.get("prefill_tokens", 0) + res.prefill_tokens
-        n["reused_tokens"] = n.get("reused_tokens", 0) + res.reused_tokens
-        n["decode_tokens"] = n.get("decode_tokens", 0) + len(res.token_ids)
-        n["max_cache_tokens"] = max(n.get("max_cache_tokens", 0), res.cache_tokens)
-        n["forced_think_close"] = n.get("forced_think_close", 0) + res.forced_think_close
-        n["unfinished_steps"] = n.get("unfinished_steps", 0) + (0 if res.stopped else 1)
-        n["decode_s"] = round(n.get("decode_s", 0.0) + res.wall_s, 4)
-        errors = [c["error"] for c in parsed["tool_calls"] if "error" in c] + ([parsed["error"]] if "error" in parsed else [])
-        n["parse_errors"] = n.get("parse_errors", 0) + len(errors)
-        calls = []
-        for c in parsed["tool_calls"]:
-            fn = c["function"]
-            calls.append(ToolCall(name=fn.get("name") or "", arguments=fn.get("arguments") if fn.get("arguments") is not None else "",
-                                  id=c.get("id")))
-        return AssistantStep(reasoning_content=parsed.get("reasoning_content") or "", content=parsed.get("content") or "",
-                             tool_calls=calls)
-
-
-def _seed_of(task_id: str, seed: int, step: int) -> int:
-    """A sampling seed per (task, episode seed, step): the same across models and batch compositions."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{task_id}|{seed}|{step}".encode()).digest()[:8], "big") >> 1
-
-
-# ----------------------------------------------------------------------------- tiny models
-
-
-_TINY_TOKENIZERS: dict[int, Any] = {}
-
-
-def tiny_model_and_tokenizer(seed: int = 0, *, vocab_size: int = 512, layers: int = 2, hidden: int = 64,
-                             experts: int = 4, dtype: torch.dtype = torch.float32):
-    """A randomly initialised tiny Qwen3-MoE (the `tiny_qwen3_moe` preset, shrunk) and the tiny
-    K2-style tokenizer trained on data.testing's fixtures: for tests, benchmarks and smoke runs.
-    Expert widths are multiples of 32, so qat.prepare and INT4 export apply. No copy circuit (it needs
-    a hidden size of at least 193: train/copy_circuit.py)."""
-    from data.testing import tiny_tokenizer
-    from train.models import build_model, load_preset
-
-    if vocab_size not in _TINY_TOKENIZERS:  # training the tokenizer takes a second; do it once
-        _TINY_TOKENIZERS[vocab_size] = tiny_tokenizer(vocab_size=vocab_size, n_records=20)
-    tok = _TINY_TOKENIZERS[vocab_size]
-    torch.manual_seed(seed)
-    model = build_model(dict(load_preset("tiny_qwen3_moe"), copy_circuit=None), vocab_size=len(tok), hidden_size=hidden,
-                        intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=experts)
-    return model.to(dtype).eval(), tok
