@@ -320,3 +320,31 @@ def build_dataloader(path_or_records: Any, tokenizer, seq_len: int = 512, batch_
     return TrajectoryLoader(path_or_records, renderer, seq_len=seq_len, batch_size=batch_size, packing=packing,
                             seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last,
                             streaming=streaming, shuffle_buffer=shuffle_buffer, on_error=on_error, mask_4d=mask_4d)
+
+
+def split_heldout(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic held-out split: the same records every run with the same seed."""
+    if not val_fraction or len(records) < 2:
+        return records, []
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(records), generator=g).tolist()
+    n_val = max(1, int(round(val_fraction * len(records))))
+    val_idx = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)]
+
+
+def calibration_batches(records: Iterable[dict], tokenizer, *, num_samples: int, seq_len: int, batch_size: int,
+                        seed: int) -> list[dict[str, torch.Tensor]]:
+    """Up to `num_samples` rendered documents (one user turn each, split to fit seq_len) of
+    `records`, shuffled by `seed`, as padded batches with input_ids and attention_mask (padding
+    must not reach GPTQ's Hessians, so one document per row rather than packed rows)."""
+    loader = build_dataloader(list(records), tokenizer, seq_len=seq_len, batch_size=batch_size, packing=False,
+                              seed=seed, shuffle=True, drop_last=False)
+    batches, rows = [], 0
+    for b in loader:
+        take = min(b["input_ids"].shape[0], num_samples - rows)
+        batches.append({"input_ids": b["input_ids"][:take], "attention_mask": b["attention_mask"][:take]})
+        rows += take
+        if rows >= num_samples:
+            break
+    return batches

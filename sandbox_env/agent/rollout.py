@@ -157,7 +157,7 @@ class ToolEnv:
 
     @contextmanager
     def session(self) -> Iterator[tuple[Any, Any]]:
-        from sandbox_env import Sandbox, SandboxConfig, SearchIndex, ToolBox
+        from sandbox_env.sandbox import Sandbox, SandboxConfig, SearchIndex, ToolBox
 
         if self.index_path is not None and self._index is None:
             self._index = SearchIndex(self.index_path)

@@ -197,7 +197,7 @@ def ensure_corpus(config: CorpusConfig, cache_dir: str | os.PathLike) -> tuple[C
     """The corpus for `config` and the path of its SQLite FTS5 index, built once under
     `cache_dir/corpus-<config key>/` and reused after (generation is deterministic, so a
     cached index always matches the regenerated corpus)."""
-    from sandbox_env import SearchIndex
+    from sandbox_env.sandbox import SearchIndex
 
     corpus = Corpus.generate(config)
     d = Path(cache_dir) / f"corpus-{config.key()}"
