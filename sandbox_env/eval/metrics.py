@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from data.render import IGNORE_INDEX
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -135,104 +135,3 @@ def _device(model: Any) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- tables
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(x: Any) -> str:
-        if isinstance(x, float):
-            return f"{x:.4g}"
-        return "" if x is None else str(x)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-FAMILY_COLUMNS = ("model", "episodes", "success", "95% CI", "avg steps", "avg tool calls", "avg invalid calls",
-                  "budget exhausted", "avg gen tokens", "avg hidden outputs")
-
-
-def family_rows(summaries: dict[str, dict[str, Any]]) -> list[list[Any]]:
-    """summaries: model name -> summarize_episodes(...) of one family."""
-    return [[name, s["episodes"], s["success"], f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]", s["avg_steps"],
-             s["avg_tool_calls"], s["avg_invalid_tool_calls"], s["budget_exhausted"], s["avg_generated_tokens"],
-             s["avg_context_hidden"]] for name, s in summaries.items()]
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_success_by_model(summaries: dict[str, dict[str, Any]], path: str) -> None:
-    """Bar per model (all families pooled) with its Wilson interval."""
-    plt = _plt()
-    names = list(summaries)[::-1]  # horizontal bars, the first model on top: long names stay readable
-    s = [summaries[n]["success"] for n in names]
-    err = [[v - summaries[n]["ci_low"] for n, v in zip(names, s)], [summaries[n]["ci_high"] - v for n, v in zip(names, s)]]
-    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.32 * len(names)))
-    ax.barh(names, s, xerr=err, capsize=3, color=[_bits_color(n) for n in names])
-    for y, v in enumerate(s):
-        ax.text(0.01, y, f"{100 * v:.0f}%", va="center", fontsize=8, color="white" if v > 0.08 else "black")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("success rate (95% Wilson CI)")
-    ax.tick_params(axis="y", labelsize=8)
-    ax.set_title("Task success by model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _bits_color(name: str) -> str:
-    """One colour per precision group, so BF16 / INT4 / INT3 / INT2 rows read as panels."""
-    for tag, color in (("int4", "#4c72b0"), ("int3", "#dd8452"), ("int2", "#c44e52"), ("nf4", "#8172b3")):
-        if tag in name:
-            return color
-    return "#55a868"
-
-
-def plot_success_by_steps(points: dict[str, dict[int, tuple[int, int]]], path: str) -> None:
-    """points: model -> {steps needed: (correct, episodes)}; one line per model."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, by in points.items():
-        xs = sorted(by)
-        ax.plot(xs, [by[x][0] / by[x][1] for x in xs], marker="o", label=name)
-    ax.set_xticks(sorted({x for by in points.values() for x in by}))
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("steps needed (scripted reference solution)")
-    ax.set_ylabel("success rate")
-    ax.set_title("Success by number of steps needed")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_kl_per_layer(per_layer: dict[str, list[float]], path: str, reference: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    # KL is never negative and spans decades: a log axis, with exact zeros (identical layers) drawn at
-    # the smallest positive value seen so they stay on the plot.
-    positive = [x for kls in per_layer.values() for x in kls if x > 0]
-    floor = min(positive) if positive else 1e-12
-    layers = max(len(k) for k in per_layer.values())
-    for name, kls in per_layer.items():
-        ax.plot(range(1, len(kls) + 1), [max(x, floor) for x in kls], marker="o", markersize=3, label=name)
-    step = max(1, layers // 10)
-    ax.set_xticks(range(1, layers + 1, step))
-    ax.set_xlabel("decoder layer (logit lens; last = output)")
-    ax.set_ylabel(f"KL({reference} || model), nats/token")
-    ax.set_yscale("log")
-    ax.set_title("Per-layer divergence from the reference")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

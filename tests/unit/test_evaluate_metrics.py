@@ -11,13 +11,8 @@ from data.render import get_renderer
 from tests.fixtures import make_records
 from sandbox_env.eval.evaluate import _checkpoints
 from tests.fixtures import tiny_model_and_tokenizer
-from sandbox_env.eval.metrics import (
-    family_rows,
-    markdown_table,
-    summarize_episodes,
-    teacher_forced_divergence,
-    wilson_interval,
-)
+from sandbox_env.eval.metrics import summarize_episodes, teacher_forced_divergence, wilson_interval
+from sandbox_env.eval.report import family_rows, markdown_table
 
 torch.set_num_threads(1)
 
@@ -127,7 +122,7 @@ def test_mcnemar_exact_p_values():
 
 
 def test_plots_are_written_for_many_models_and_zero_kl(tmp_path):
-    from sandbox_env.eval.metrics import plot_kl_per_layer, plot_success_by_model
+    from sandbox_env.eval.report import plot_kl_per_layer, plot_success_by_model
 
     summaries = {f"ptq_gptq_int{b}_g32_variant{i}": {"success": 0.1 * i, "ci_low": 0.0, "ci_high": min(1.0, 0.1 * i + 0.2)}
                  for b in (4, 3) for i in range(8)}
