@@ -388,15 +388,19 @@ class InferenceEngine:
 
 
 def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
-    """A DynamicCache holding `layers` (full-length layers for every model: a sliding-window model's
-    masks still restrict attention, and cropping stays exact)."""
+    """A DynamicCache holding `layers`, filled through its public `update` (full-length layers for
+    every model: a sliding-window model's masks still restrict attention, and cropping stays exact)."""
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers or ()):
+        cache.update(k, v, i)
+    return cache
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """Per layer (keys, values) of a DynamicCache (its public iteration yields them per layer)."""
+    return [(kv[0], kv[1]) for kv in cache]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
