@@ -33,7 +33,6 @@ one dropped. A step that cannot fit with its required context is dropped and cou
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -28,7 +28,6 @@ an ordinary entry, `{name: ptq_gptq, path: <its output>}`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -13,7 +13,7 @@ import hashlib
 from typing import Any
 
 from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy, ToolCall
-from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, SamplingConfig
+from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, Result, SamplingConfig
 
 
 def assistant_body_ids(renderer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
