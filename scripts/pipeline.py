@@ -99,7 +99,7 @@ class Pipeline:
         if qat is None:
             overrides.append("qat=none")
         else:
-            overrides += ["qat=k2_int4", "qat.start_step=0", *[f"qat.{k}={v}" for k, v in qat.items()]]
+            overrides += ["qat=k2_int4", "qat_schedule.start_step=0", *[f"qat.{k}={v}" for k, v in qat.items()]]
         self.run(f"train {name}", "train", [*overrides, *stage_cfg.overrides], done=final / "COMPLETE")
         return final
 
@@ -151,7 +151,7 @@ class Pipeline:
                     models.append({"name": f"ptq_rtn_{setting}", "path": str(bf16), "ptq": "rtn", "ptq_config": q})
             if "gptq" in cfg.ptq:  # INT4: a real export with GPTQ's own scales; INT3/INT2: dense code x scale
                 models.append({"name": f"ptq_gptq_{setting}", "path": str(self.gptq(f"ptq_gptq_{setting}", bf16, data, q))})
-            if setting in cfg.gptq_then_qat:  # QAT started from the GPTQ solution (qat.init=gptq)
+            if setting in cfg.gptq_then_qat:  # QAT started from the GPTQ solution (qat_schedule.init=gptq)
                 ckpt = self.train(f"qat_from_gptq_{setting}", data, {**q, "init": "gptq",
                                                                      "init_samples": cfg.gptq.num_samples}, base, cfg.qat)
                 models.append({"name": f"qat_from_gptq_{setting}",

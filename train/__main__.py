@@ -1,16 +1,17 @@
-"""`python -m train`: the training job's Hydra entry point (the recipe is train/recipe.py).
+"""`python -m train`: the training job's Hydra entry point (the recipe is train/recipe.py, the schema train/config.py).
 
     python -m train data.path=outputs/trajectories                  # tiny model, one process
-    python -m train data.path=... qat=none optim.lr=1e-3 max_steps=500
+    python -m train data.path=... qat=none optim.lr=1e-3 max_steps=500      # BF16: no fake quant
     accelerate launch --config_file conf/accelerate/zero3.yaml -m train data.path=... model=qwen3_30b_a3b model.path=/ckpt
 """
 
-import hydra
-from omegaconf import DictConfig
+from qat.jobs import job
+
+import train.config  # noqa: F401  registers train_schema, which conf/train.yaml composes onto
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
-def main(cfg: DictConfig) -> None:
+@job("train")
+def main(cfg) -> None:
     from train.recipe import run
 
     run(cfg)

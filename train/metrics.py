@@ -2,7 +2,8 @@
 
 The JSONL (`<run_dir>/metrics.jsonl`, one JSON object per logged step) is the record of truth: it
 needs no service, survives a crash line by line, and is what the loss-curve plot and the tests
-read. wandb is an optional mirror, offline by default so that no run ever needs a network
+read. wandb is an optional mirror through accelerate's tracker (`Accelerator(log_with="wandb")`,
+`init_trackers`, `accelerator.log`), offline by default so that no run ever needs a network
 (`logger=wandb logger.mode=online` to sync live). Only the main process logs.
 """
 
@@ -13,20 +14,20 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
+LOGGER_BACKENDS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
 class MetricsLogger:
-    """Appends metrics to `<run_dir>/metrics.jsonl` and mirrors them to wandb if configured."""
+    """Appends metrics to `<run_dir>/metrics.jsonl`, and passes each row to `mirror(values, step=)`
+    if given (the training job passes `accelerator.log`, which feeds its trackers: wandb)."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, backend: str = "jsonl", wandb_cfg: Mapping[str, Any] | None = None,
-                 config: Mapping[str, Any] | None = None, resume_step: int | None = None):
-        if backend not in ("jsonl", "wandb"):
-            raise ValueError(f"logger.backend={backend!r}: choose jsonl or wandb")
+    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None,
+                 mirror: Callable[..., Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -34,19 +35,7 @@ class MetricsLogger:
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self._file = open(self.path, "a")
-        self._wandb = None
-        if backend == "wandb":
-            wandb_cfg = dict(wandb_cfg or {})
-            mode = wandb_cfg.get("mode", "offline")
-            if mode not in WANDB_MODES:
-                raise ValueError(f"logger.mode={mode!r}: choose one of {WANDB_MODES}")
-            import wandb
-
-            self._wandb = wandb.init(
-                project=wandb_cfg.get("project", "agentic-qat"), name=wandb_cfg.get("name"), mode=mode,
-                dir=str(self.path.parent), config=dict(config or {}), resume="allow",
-                id=wandb_cfg.get("id"), tags=list(wandb_cfg.get("tags") or []),
-            )
+        self._mirror = mirror
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         row = {"step": int(step)}
@@ -54,14 +43,18 @@ class MetricsLogger:
             row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+        if self._mirror is not None:
+            self._mirror({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def close(self) -> None:
         self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+
+
+def wandb_init_kwargs(logger_cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict:
+    """`init_kwargs` of `accelerator.init_trackers` for conf/logger/wandb.yaml (train.config.LoggerConfig):
+    the run lives in <run_dir>/wandb, and the same id resumes the same run."""
+    return {"wandb": {"mode": logger_cfg["mode"], "name": logger_cfg.get("name"), "id": logger_cfg.get("id"),
+                      "tags": list(logger_cfg.get("tags") or []), "dir": str(run_dir), "resume": "allow"}}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -5,8 +5,8 @@ puts INT4 fake quant on the routed experts (qat.prepare), and trains with accele
 file runs on one CPU, on eight GPUs (DDP or DeepSpeed ZeRO-2/3) and across nodes.
 
 QAT enters in exactly two places, as in torchtune: `qat.prepare(model, cfg)` in setup, and
-`set_fake_quant(model, step >= qat.start_step)` at the top of every optimizer step (plus the mse
-observers' refresh every `qat.refresh_every` steps and SQNR logging per expert tensor group).
+`set_fake_quant(model, step >= qat_schedule.start_step)` at the top of every optimizer step (plus the mse
+observers' refresh every `qat_schedule.refresh_every` steps and SQNR logging per expert tensor group).
 
 The one idea that makes runs comparable across world sizes: every process reads the SAME stream
 of micro-batches and keeps every world_size-th one, and the loss of an optimizer step is the sum
@@ -31,13 +31,14 @@ import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.render import IGNORE_INDEX
+
 from . import checkpoint as ckpt
-from .metrics import MetricsLogger, plot_loss_curve
+from .metrics import LOGGER_BACKENDS, WANDB_MODES, MetricsLogger, plot_loss_curve, wandb_init_kwargs
 from .schedules import SCHEDULERS, build_scheduler, fake_quant_on
 
 log = logging.getLogger("train")
@@ -45,24 +46,25 @@ log = logging.getLogger("train")
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 QAT_INITS = (None, "gptq")
-IGNORE_INDEX = -100
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """User errors in the job config, found before anything is built; each names the setting."""
+    """User errors in the job config that its schema (train.config.TrainConfig: keys and types,
+    checked at composition) cannot express: ranges, choices, regexes, the required data path.
+    Found before anything is built; each names the setting."""
 
-    def positive_int(key: str, value: Any, minimum: int = 1) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    def at_least(key: str, value: int, minimum: int = 1) -> None:
+        if value < minimum:
             raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
 
-    positive_int("max_steps", cfg.max_steps)
-    positive_int("micro_batch_size", cfg.micro_batch_size)
-    positive_int("grad_accum_steps", cfg.grad_accum_steps)
-    positive_int("log_every", cfg.log_every)
-    positive_int("checkpoint.every", cfg.checkpoint.every, minimum=0)
-    positive_int("eval.every", cfg.eval.every, minimum=0)
+    at_least("max_steps", cfg.max_steps)
+    at_least("micro_batch_size", cfg.micro_batch_size)
+    at_least("grad_accum_steps", cfg.grad_accum_steps)
+    at_least("log_every", cfg.log_every)
+    at_least("checkpoint.every", cfg.checkpoint.every, minimum=0)
+    at_least("eval.every", cfg.eval.every, minimum=0)
     if cfg.stop_at_step is not None:
-        positive_int("stop_at_step", cfg.stop_at_step)
+        at_least("stop_at_step", cfg.stop_at_step)
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r}: choose one of {PRECISIONS} (auto = bf16 on GPU, fp32 on CPU)")
     if cfg.precision == "bf16" and not torch.cuda.is_available():
@@ -72,11 +74,15 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"optim.name={o.name!r}: choose one of {OPTIMIZERS} (optim=adamw or optim=adamw_8bit)")
     if o.scheduler not in SCHEDULERS:
         raise ValueError(f"optim.scheduler={o.scheduler!r}: choose one of {SCHEDULERS}")
-    if not (isinstance(o.lr, (int, float)) and o.lr > 0):
+    if not o.lr > 0:
         raise ValueError(f"optim.lr={o.lr!r}: must be a positive number, e.g. optim.lr=3e-4")
-    positive_int("optim.warmup_steps", o.warmup_steps, minimum=0)
-    if not 0.0 <= float(o.min_lr_ratio) <= 1.0:
+    at_least("optim.warmup_steps", o.warmup_steps, minimum=0)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio!r}: must be in [0, 1] (the final lr / peak lr)")
+    if cfg.logger.backend not in LOGGER_BACKENDS:
+        raise ValueError(f"logger.backend={cfg.logger.backend!r}: choose one of {LOGGER_BACKENDS} (logger=jsonl or logger=wandb)")
+    if cfg.logger.mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode={cfg.logger.mode!r}: choose one of {WANDB_MODES}")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         raise ValueError(f"clip_grad_norm={cfg.clip_grad_norm!r}: a positive max norm, or null to disable clipping")
     if cfg.trainable is not None:
@@ -87,17 +93,18 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.data.path is None:
         raise ValueError("data.path is not set: point it at a trajectories dataset dir or .jsonl "
                          "(made by `python -m sandbox_env.generate`), e.g. data.path=outputs/trajectories")
-    if not 0.0 <= float(cfg.eval.val_fraction) < 1.0:
+    if not 0.0 <= cfg.eval.val_fraction < 1.0:
         raise ValueError(f"eval.val_fraction={cfg.eval.val_fraction!r}: must be in [0, 1)")
-    if cfg.qat.enabled:
-        positive_int("qat.start_step", cfg.qat.start_step, minimum=0)
-        positive_int("qat.refresh_every", cfg.qat.refresh_every, minimum=0)
-        positive_int("qat.log_every", cfg.qat.log_every, minimum=0)
-        if cfg.qat.get("init") not in QAT_INITS:
-            raise ValueError(f"qat.init={cfg.qat.get('init')!r}: choose one of {QAT_INITS} (null = the model's own "
+    if cfg.qat is not None:
+        s = cfg.qat_schedule
+        at_least("qat_schedule.start_step", s.start_step, minimum=0)
+        at_least("qat_schedule.refresh_every", s.refresh_every, minimum=0)
+        at_least("qat_schedule.log_every", s.log_every, minimum=0)
+        if s.init not in QAT_INITS:
+            raise ValueError(f"qat_schedule.init={s.init!r}: choose one of {QAT_INITS} (null = the model's own "
                              f"weights; gptq = start from GPTQ calibrated on the training data)")
-        if cfg.qat.get("init") == "gptq":
-            positive_int("qat.init_samples", cfg.qat.get("init_samples"))
+        if s.init == "gptq":
+            at_least("qat_schedule.init_samples", s.init_samples)
 
 
 class TrainRecipe:
@@ -147,6 +154,7 @@ class TrainRecipe:
             gradient_accumulation_steps=cfg.grad_accum_steps,
             kwargs_handlers=kwargs_handlers,
             step_scheduler_with_optimizer=False,
+            log_with="wandb" if cfg.logger.backend == "wandb" else None,
         )
         acc = self.accelerator
         launched_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -230,7 +238,7 @@ class TrainRecipe:
             common["streaming"] = False
             self.val_loader = build_dataloader(val_records, tokenizer, seed=cfg.seed, shuffle=False, drop_last=False, **common)
         self._batches = iter(self.train_loader)
-        self._train_records = train_records  # None when streamed; qat.init=gptq calibrates on them
+        self._train_records = train_records  # None when streamed; qat_schedule.init=gptq calibrates on them
         n_train = len(train_records) if train_records is not None else "streamed"
         log.info("data: %s training / %d held-out trajectories from %s, seq_len %d, packing %s",
                  n_train, len(val_records), d.path, d.seq_len, d.packing)
@@ -277,9 +285,9 @@ class TrainRecipe:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.qat_cfg = None
         self.gptq_report = None
-        if cfg.qat.enabled:
-            self.qat_cfg = qat.quant_config_from(OmegaConf.to_container(cfg.qat, resolve=True))
-            if cfg.qat.get("init") == "gptq" and self.resume_path is None:  # a resume loads trained weights
+        if cfg.qat is not None:
+            self.qat_cfg = OmegaConf.to_object(cfg.qat)  # a qat.QuantConfig, validated by its __post_init__
+            if cfg.qat_schedule.init == "gptq" and self.resume_path is None:  # a resume loads trained weights
                 self.gptq_report = self._gptq_init(model)
             qat.prepare(model, self.qat_cfg)  # logs what it quantized
             if self.gptq_report is not None and self.qat_cfg.observer in ("static", "lsq"):
@@ -288,27 +296,27 @@ class TrainRecipe:
                 from qat.ptq import set_scales
 
                 set_scales(model, self.gptq_report.scales)
-            qat.set_fake_quant(model, fake_quant_on(0, cfg.qat.start_step))
+            qat.set_fake_quant(model, fake_quant_on(0, cfg.qat_schedule.start_step))
         self._apply_trainable(model)
         self.model = model
         if self.zero_stage == 3:
             self.deepspeed.set_deepspeed_weakref()
 
     def _gptq_init(self, model: torch.nn.Module):
-        """qat.init=gptq: GPTQ of the routed experts on qat.init_samples documents of the training split."""
+        """qat_schedule.init=gptq: GPTQ of the routed experts on qat_schedule.init_samples documents of the training split."""
         from data.schema import iter_trajectories
         from qat.ptq import apply_ptq
         from train.ptq import calibration_batches
 
         cfg = self.cfg
-        n = int(cfg.qat.init_samples)
+        n = cfg.qat_schedule.init_samples
         records = self._train_records
         if records is None:  # streamed: the first records (each gives at least one document)
             records = itertools.islice(iter_trajectories(str(cfg.data.path)), n)
         batches = calibration_batches(records, self.tokenizer, num_samples=n, seq_len=cfg.data.seq_len,
                                       batch_size=cfg.micro_batch_size, seed=cfg.seed)
         report = apply_ptq(model, "gptq", self.qat_cfg, calibration=batches)
-        log.info("qat.init=gptq: %d calibration tokens, mean weight SQNR %.2f dB, %d expert tensors fell back to RTN",
+        log.info("qat_schedule.init=gptq: %d calibration tokens, mean weight SQNR %.2f dB, %d expert tensors fell back to RTN",
                  report.calibration_tokens, report.mean_sqnr_db, len(report.rtn_fallback))
         return report
 
@@ -400,17 +408,19 @@ class TrainRecipe:
         self.train_loader.load_state_dict(data_state)
         self._batches = iter(self.train_loader)
         if self.qat_cfg is not None:
-            qat.set_fake_quant(self._unwrapped(), fake_quant_on(self.step, self.cfg.qat.start_step))
+            qat.set_fake_quant(self._unwrapped(), fake_quant_on(self.step, self.cfg.qat_schedule.start_step))
         self.resumed_from = self.resume_path
         log.info("resumed from %s at step %d (%s tokens seen)", self.resume_path, self.step, f"{self.tokens_seen:,}")
 
     def _setup_logging(self) -> None:
+        lg, acc = self.cfg.logger, self.accelerator
+        if lg.backend == "wandb":  # accelerate's tracker; init_trackers and log act on the main process only
+            acc.init_trackers(lg.project, config=OmegaConf.to_container(self.cfg, resolve=True),
+                              init_kwargs=wandb_init_kwargs(OmegaConf.to_container(lg), self.run_dir))
         self.metrics = None
         if self.is_main:
-            lg = self.cfg.logger
-            self.metrics = MetricsLogger(self.run_dir, backend=lg.backend, wandb_cfg=lg,
-                                         config=OmegaConf.to_container(self.cfg, resolve=True),
-                                         resume_step=self.step if self.resumed_from else None)
+            self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if self.resumed_from else None,
+                                         mirror=acc.log if lg.backend == "wandb" else None)
 
     # ------------------------------------------------------------------------------------ train
     def train(self) -> None:
@@ -424,12 +434,12 @@ class TrainRecipe:
         self.model.train()
         while self.step < stop:
             if self.qat_cfg is not None:
-                on = fake_quant_on(self.step, cfg.qat.start_step)
+                on = fake_quant_on(self.step, cfg.qat_schedule.start_step)
                 qat.set_fake_quant(self._unwrapped(), on)
                 # mse observers: re-search the clipping ratios every refresh_every steps, and when the
                 # fake quant switches on (the ratios from prepare() belong to the initial weights).
-                refresh = cfg.qat.refresh_every and self.step % cfg.qat.refresh_every == 0
-                if on and (refresh or self.step == cfg.qat.start_step):
+                refresh = cfg.qat_schedule.refresh_every and self.step % cfg.qat_schedule.refresh_every == 0
+                if on and (refresh or self.step == cfg.qat_schedule.start_step):
                     with self._gathered_params():
                         qat.refresh_observers(self._unwrapped())
             t0 = time.perf_counter()
@@ -439,7 +449,7 @@ class TrainRecipe:
             self.tokens_seen += metrics["tokens"]
             metrics["tokens_per_s"] = metrics["tokens"] / dt
             self.last_loss = metrics["loss"]
-            if self.qat_cfg is not None and cfg.qat.log_every and (self.step % cfg.qat.log_every == 0 or self.step == 1):
+            if self.qat_cfg is not None and cfg.qat_schedule.log_every and (self.step % cfg.qat_schedule.log_every == 0 or self.step == 1):
                 metrics.update(self._qat_metrics())
             if self.val_loader is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
                 metrics["eval/loss"] = self.evaluate()
@@ -573,7 +583,7 @@ class TrainRecipe:
         for name, s in stats.items():
             groups.setdefault(_tensor_group(name), []).append(s["sqnr_db"])
         out = {f"qat/sqnr_db/{g}": sum(v) / len(v) for g, v in sorted(groups.items())}
-        out["qat/fake_quant"] = int(fake_quant_on(self.step - 1, self.cfg.qat.start_step))
+        out["qat/fake_quant"] = int(fake_quant_on(self.step - 1, self.cfg.qat_schedule.start_step))
         return out
 
     def _gathered_params(self):
@@ -618,7 +628,7 @@ class TrainRecipe:
                     save_file(qat_sd, str(tmp / "qat_state.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps({
                 "step": step, "tokens_seen": self.tokens_seen, "epoch": self.epoch, "world_size": self.world_size,
-                "loss": self.last_loss, "fake_quant_enabled": self.qat_cfg is not None and fake_quant_on(step, self.cfg.qat.start_step), "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "loss": self.last_loss, "fake_quant_enabled": self.qat_cfg is not None and fake_quant_on(step, self.cfg.qat_schedule.start_step), "config": OmegaConf.to_container(self.cfg, resolve=True),
             }, indent=2, default=str))
             (tmp / "data_state.json").write_text(json.dumps(self.train_loader.state_dict()))
         acc.wait_for_everyone()
@@ -637,7 +647,7 @@ class TrainRecipe:
             self.metrics.close()
             try:
                 png = plot_loss_curve(self.metrics.path, self.run_dir / "loss_curve.png",
-                                      qat_start_step=self.cfg.qat.start_step if self.qat_cfg is not None else None)
+                                      qat_start_step=self.cfg.qat_schedule.start_step if self.qat_cfg is not None else None)
                 log.info("loss curve %s", png)
             except Exception as e:  # a plot must never fail a finished run
                 log.warning("could not plot the loss curve: %s", e)
@@ -645,7 +655,9 @@ class TrainRecipe:
         self.accelerator.end_training()
         if self.world_size == 1:
             # accelerate keeps its state in process-wide singletons; forget it so that another recipe
-            # (a benchmark, a notebook, a test) can run in this process with other settings.
+            # (a benchmark, a notebook, a test) can run in this process with other settings. accelerate
+            # has no public call for this (end_training / free_memory keep the singletons); _reset_state
+            # is what its own test harness (accelerate.test_utils AccelerateTestCase) calls.
             from accelerate.state import AcceleratorState, GradientState
 
             AcceleratorState._reset_state(reset_partial_state=True)

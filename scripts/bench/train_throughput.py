@@ -44,7 +44,7 @@ def worker_ours(a) -> dict:
                  f"micro_batch_size={a.batch_size}", f"max_steps={a.steps}", f"threads={a.threads}",
                  "precision=fp32", "checkpoint.every=0", "eval.every=0", "eval.val_fraction=0", "progress_bar=false",
                  "log_every=1", f"data.tokenizer_vocab_size={a.vocab}", "optim.warmup_steps=2",
-                 "qat=k2_int4" if a.qat else "qat=none", "qat.log_every=0"]
+                 "qat=k2_int4" if a.qat else "qat=none", "qat_schedule.log_every=0"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
     run(cfg)

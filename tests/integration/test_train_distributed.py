@@ -36,7 +36,7 @@ def _args(traj, out, grad_accum_steps=2):
     # 2 processes x 2 accumulation steps x 1 row = the reference's 1 process x 4 x 1 row: the
     # distributed runs also exercise accumulation (DDP no_sync, DeepSpeed's own boundary).
     return ["experiment=tiny_cpu_smoke", f"grad_accum_steps={grad_accum_steps}", f"data.path={traj}", f"output_dir={out}", "threads=1", "progress_bar=false",
-            "max_steps=6", "micro_batch_size=1", "qat.start_step=2", "qat.log_every=3", "checkpoint.every=0",
+            "max_steps=6", "micro_batch_size=1", "qat_schedule.start_step=2", "qat_schedule.log_every=3", "checkpoint.every=0",
             "eval.every=3"]
 
 

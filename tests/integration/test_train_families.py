@@ -30,7 +30,7 @@ def traj(tmp_path_factory):
 def test_tiny_preset_trains_with_qat(preset, traj, tmp_path):
     overrides = [f"model={preset}", f"data.path={traj}", f"output_dir={tmp_path}", "data.seq_len=128",
                  "data.tokenizer_vocab_size=512", "micro_batch_size=2", "max_steps=2", "checkpoint.every=0",
-                 "eval.every=0", "progress_bar=false", "threads=2", "qat.start_step=0", "qat.log_every=1"]
+                 "eval.every=0", "progress_bar=false", "threads=2", "qat_schedule.start_step=0", "qat_schedule.log_every=1"]
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
     recipe = run(cfg)

@@ -27,7 +27,7 @@ def _args(traj, out, *extra):
     # QAT switches on mid-run (step 3), an mse observer refreshes every 2 steps: all of that state
     # must come back on resume, not just weights and optimizer.
     return ["experiment=tiny_cpu_smoke", f"data.path={traj}", f"output_dir={out}", "threads=1", "progress_bar=false",
-            "max_steps=8", "qat.start_step=3", "qat.observer=mse", "qat.refresh_every=2", "checkpoint.every=2",
+            "max_steps=8", "qat_schedule.start_step=3", "qat.observer=mse", "qat_schedule.refresh_every=2", "checkpoint.every=2",
             "checkpoint.keep_last=null", "eval.every=4", *extra]
 
 

@@ -3,7 +3,9 @@ evaluate, pipeline, whichever exist), so that no config rots when another one ch
 
 For each primary config: compose it as shipped, then once per option of every config group its
 defaults list uses (model=..., qat=..., data=..., experiment=..., ...), and resolve the result.
-Train compositions also pass the job's own validation. The launch configs (conf/accelerate/*.yaml,
+Train compositions also pass the job's own validation, and become the typed TrainConfig. Every
+config group is used by some primary config (no config that nothing composes), and a primary
+config with a schema refuses a misspelled key or a wrong type at composition. The launch configs (conf/accelerate/*.yaml,
 conf/deepspeed/*.json) are not Hydra groups; they are checked for what the job relies on.
 """
 
@@ -12,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+import train  # noqa: F401  registers train_schema
+from qat.jobs import compose
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRIMARIES = sorted(p.stem for p in CONF.glob("*.yaml"))
 NOT_HYDRA_GROUPS = {"accelerate", "deepspeed"}
+APPENDED_GROUPS = {"evaluate": ["eval"]}  # groups a primary takes with `+group=option` (+eval=quick)
 
 
 def _groups_used(primary: str) -> list[str]:
@@ -29,7 +34,7 @@ def _groups_used(primary: str) -> list[str]:
                 name = key.split()[-1]  # "override hydra/job_logging" / "optional x" -> the group
                 if not name.startswith("hydra") and (CONF / name).is_dir():
                     groups.append(name)
-    return groups
+    return groups + APPENDED_GROUPS.get(primary, [])
 
 
 def _cases():
@@ -38,7 +43,8 @@ def _cases():
         cases.append((primary, None))
         for group in _groups_used(primary):
             for option in sorted((CONF / group).glob("*.yaml")):
-                cases.append((primary, f"{group}={option.stem}"))
+                plus = "+" if group in APPENDED_GROUPS.get(primary, []) else ""
+                cases.append((primary, f"{plus}{group}={option.stem}"))
     return cases
 
 
@@ -61,8 +67,7 @@ def _resolved(cfg) -> dict:
 
 
 def _compose(primary: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(config_name=primary, overrides=overrides)
+    return compose(primary, overrides)
 
 
 def test_primaries_exist():
@@ -75,22 +80,46 @@ def test_config_composes(primary, override):
     cfg = _compose(primary, [override] if override else [])
     assert _resolved(cfg)  # broken interpolations fail here
     if primary == "train":
+        from train.config import TrainConfig
         from train.recipe import validate_config
 
-        validate_config(_compose(primary, ([override] if override else []) + ["data.path=trajs.jsonl"]))
+        full = _compose(primary, ([override] if override else []) + ["data.path=trajs.jsonl"])
+        validate_config(full)
+        assert OmegaConf.get_type(full) is TrainConfig
+        if full.qat is not None:
+            OmegaConf.to_object(full.qat)  # a valid QuantConfig (its __post_init__ checks the values)
 
 
-def _unused_group_options():
-    """Options of groups that no primary config's defaults list names (e.g. conf/sandbox while its
-    job inlines the settings): composed on their own, so they at least do not rot."""
+def test_every_group_is_composed_by_a_primary_config():
     used = {g for p in PRIMARIES for g in _groups_used(p)}
-    groups = sorted({d.name for d in CONF.iterdir() if d.is_dir()} - NOT_HYDRA_GROUPS - used)
-    return [f"{g}/{p.stem}" for g in groups for p in sorted((CONF / g).glob("*.yaml"))]
+    groups = {d.name for d in CONF.iterdir() if d.is_dir()} - NOT_HYDRA_GROUPS
+    assert groups <= used, f"config groups that no primary config composes: {sorted(groups - used)}"
 
 
-@pytest.mark.parametrize("name", _unused_group_options())
-def test_unused_group_options_compose_on_their_own(name):
-    assert _resolved(_compose(name, []))
+def test_every_shipped_yaml_opens_with_a_comment():
+    for path in sorted(CONF.rglob("*.yaml")):
+        assert path.read_text().startswith("# "), f"{path.relative_to(CONF)}: open with what it runs and how"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1e-3", "optim.lrr"),          # a misspelled key
+    ("qat.group_sise=64", "qat.group_sise"),
+    ("max_steps=many", "max_steps"),          # a value of the wrong type
+    ("qat.bits=four", "qat.bits"),
+    ("data.packing=maybe", "data.packing"),
+])
+def test_train_schema_refuses_bad_keys_and_types_at_composition(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("train", [override])
+    assert key in str(e.value) + str(e.value.__cause__)
+
+
+def test_bf16_is_qat_none_and_keeps_the_schedule_apart():
+    cfg = _compose("train", ["qat=none", "experiment=tiny_cpu_smoke"])
+    assert cfg.qat is None and cfg.qat_schedule.start_step == 10  # the schedule is ignored, not an error
+    assert OmegaConf.to_object(_compose("train", []).qat) == __import__("qat").QuantConfig()  # k2_int4 = the defaults
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)

@@ -213,7 +213,7 @@ def test_errors_name_the_setting():
         prepare_with_scales(tiny("qwen3_moe"), dataclasses.replace(report))
 
 
-# --- the job (python -m train.ptq) and QAT from the GPTQ solution (qat.init=gptq) ----------------
+# --- the job (python -m train.ptq) and QAT from the GPTQ solution (qat_schedule.init=gptq) ----------------
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "conf")
 
@@ -286,8 +286,8 @@ def test_qat_starts_from_the_gptq_solution(dense_checkpoint, tmp_path):
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="train", overrides=[
             "experiment=tiny_cpu_smoke", "threads=1", "progress_bar=false", f"data.path={root / 'traj.jsonl'}",
-            f"output_dir={tmp_path / 'run'}", "max_steps=2", "qat.start_step=0", "qat.init=gptq", "qat.observer=lsq",
-            "qat.init_samples=16", "checkpoint.every=0", "eval.every=0"])
+            f"output_dir={tmp_path / 'run'}", "max_steps=2", "qat_schedule.start_step=0", "qat_schedule.init=gptq", "qat.observer=lsq",
+            "qat_schedule.init_samples=16", "checkpoint.every=0", "eval.every=0"])
     recipe = TrainRecipe(cfg)
     recipe.setup()
     report = recipe.gptq_report
@@ -299,6 +299,6 @@ def test_qat_starts_from_the_gptq_solution(dense_checkpoint, tmp_path):
         assert torch.equal(fq(w), w)  # the fake-quant model IS the GPTQ model at step 0
     recipe.train()
     recipe.cleanup()
-    with pytest.raises(ValueError, match="qat.init='awq'"):
+    with pytest.raises(ValueError, match="qat_schedule.init='awq'"):
         with initialize_config_dir(config_dir=CONF, version_base=None):
-            TrainRecipe(compose(config_name="train", overrides=[f"data.path={root / 'traj.jsonl'}", "qat.init=awq"]))
+            TrainRecipe(compose(config_name="train", overrides=[f"data.path={root / 'traj.jsonl'}", "qat_schedule.init=awq"]))

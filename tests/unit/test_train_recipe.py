@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data.schema import write_jsonl
 from tests.fixtures import make_records
+from qat.jobs import compose
 from train.recipe import TrainRecipe, run, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +30,7 @@ def traj(tmp_path_factory):
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose("train", overrides)
 
 
 def _run(traj, out, *overrides) -> tuple[TrainRecipe, list[dict]]:
@@ -47,7 +46,7 @@ def test_tiny_model_learns_and_writes_its_outputs(traj, tmp_path):
     from qat import QuantConfig
 
     out = tmp_path / "run"
-    recipe, rows = _run(traj, out, "max_steps=30", "qat.start_step=10", "qat.observer=mse", "qat.refresh_every=5",
+    recipe, rows = _run(traj, out, "max_steps=30", "qat_schedule.start_step=10", "qat.observer=mse", "qat_schedule.refresh_every=5",
                         "checkpoint.every=10", "checkpoint.keep_last=2", "eval.every=10")
     losses = [r["loss"] for r in rows]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
@@ -133,7 +132,7 @@ def test_wandb_offline_logs_locally(traj, tmp_path, monkeypatch):
     ("micro_batch_size=-1", "micro_batch_size=-1"),
     ("trainable='['", "trainable='\\['"),
     ("eval.val_fraction=1.5", "eval.val_fraction=1.5"),
-    ("qat.start_step=-3", "qat.start_step=-3"),
+    ("qat_schedule.start_step=-3", "qat_schedule.start_step=-3"),
 ])
 def test_bad_values_are_named(traj, override, message):
     cfg = _cfg(*TINY, f"data.path={traj}", override)
@@ -171,7 +170,7 @@ def test_init_from_a_checkpoint_with_another_vocab_than_the_preset(traj, tmp_pat
     """The pipeline's QAT stage: model.path=<BF16 checkpoint> (tokenizer and vocab from it, not the preset)."""
     _, bf16 = _run(traj, tmp_path / "bf16", "qat=none", "max_steps=6", "checkpoint.every=0", "eval.every=0")
     ckpt = tmp_path / "bf16" / "checkpoints" / "step_000006"
-    recipe, qat_rows = _run(traj, tmp_path / "qat", f"model.path={ckpt}", "qat.start_step=0", "max_steps=1",
+    recipe, qat_rows = _run(traj, tmp_path / "qat", f"model.path={ckpt}", "qat_schedule.start_step=0", "max_steps=1",
                             "checkpoint.every=0", "eval.every=0")
     assert recipe._unwrapped().config.vocab_size == len(recipe.tokenizer) == 512 != 2048  # preset says 2048
     # It starts from the trained weights: its first loss is far below a fresh model's.
