@@ -837,11 +837,9 @@ def export_from_checkpoint(cfg: Any) -> ExportReport:
 
 
 def main() -> None:  # pragma: no cover - exercised by the integration test through a subprocess
-    import hydra
+    from .jobs import job
 
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
-
-    @hydra.main(version_base=None, config_path=conf_dir, config_name="export")
+    @job("export")
     def _main(cfg) -> None:
         report = export_from_checkpoint(cfg)
         print(json.dumps({k: v for k, v in report.__dict__.items() if k != "quantized"}, indent=2))

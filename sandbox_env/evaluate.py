@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 def _main() -> None:
-    import hydra
     from omegaconf import OmegaConf
 
+    from qat.jobs import job
     from sandbox_env.eval.evaluate import evaluate
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    @job("evaluate")
     def main(cfg) -> None:
         evaluate(OmegaConf.to_container(cfg, resolve=True))
 

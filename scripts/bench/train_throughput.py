@@ -38,6 +38,8 @@ def _tokens_per_s(step_times: list[float], tokens_per_step: int, warmup: int) ->
 def worker_ours(a) -> dict:
     from hydra import compose, initialize_config_dir
 
+    from qat.jobs import VERSION_BASE
+
     from train.recipe import run
 
     overrides = [f"model={a.preset}", f"data.path={a.data}", f"output_dir={a.out}", f"data.seq_len={a.seq_len}",
@@ -45,7 +47,7 @@ def worker_ours(a) -> dict:
                  "precision=fp32", "checkpoint.every=0", "eval.every=0", "eval.val_fraction=0", "progress_bar=false",
                  "log_every=1", f"data.tokenizer_vocab_size={a.vocab}", "optim.warmup_steps=2",
                  "qat=k2_int4" if a.qat else "qat=none", "qat_schedule.log_every=0"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=VERSION_BASE):
         cfg = compose(config_name="train", overrides=overrides)
     run(cfg)
     rows = [json.loads(x) for x in (Path(a.out) / "metrics.jsonl").read_text().splitlines()]

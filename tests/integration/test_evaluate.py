@@ -37,9 +37,11 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
 
 def _compose(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
+
+    from qat.jobs import VERSION_BASE
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+    with initialize_config_dir(version_base=VERSION_BASE, config_dir=str(ROOT / "conf")):
         return OmegaConf.to_container(compose("evaluate", overrides=overrides), resolve=True)
 
 

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from qat.jobs import VERSION_BASE
 from data.schema import read_trajectories
 from sandbox_env.generate import generate
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def config(out_dir, *overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=VERSION_BASE):
         cfg = compose("generate", overrides=[f"out_dir={out_dir}", *SMALL, *overrides])
     return OmegaConf.to_container(cfg, resolve=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from qat.jobs import VERSION_BASE
 from data.schema import write_jsonl
 from tests.fixtures import make_records
 from train.models import list_presets
@@ -31,7 +32,7 @@ def test_tiny_preset_trains_with_qat(preset, traj, tmp_path):
     overrides = [f"model={preset}", f"data.path={traj}", f"output_dir={tmp_path}", "data.seq_len=128",
                  "data.tokenizer_vocab_size=512", "micro_batch_size=2", "max_steps=2", "checkpoint.every=0",
                  "eval.every=0", "progress_bar=false", "threads=2", "qat_schedule.start_step=0", "qat_schedule.log_every=1"]
-    with initialize_config_dir(config_dir=CONF, version_base=None):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         cfg = compose(config_name="train", overrides=overrides)
     recipe = run(cfg)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+import sandbox_env  # noqa: F401  registers sandbox/sandbox_schema (conf/sandbox)
 import train  # noqa: F401  registers train_schema
+import train.upcycle  # noqa: F401  registers upcycle_schema
 from qat.jobs import compose
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

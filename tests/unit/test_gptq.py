@@ -243,7 +243,9 @@ def dense_checkpoint(tmp_path_factory):
 def _ptq_cfg(root, out, *overrides):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONF, version_base=None):
+    from qat.jobs import VERSION_BASE
+
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         return compose(config_name="ptq", overrides=[f"input={root / 'bf16'}", f"output={out}",
                                                      f"calibration={root / 'traj.jsonl'}", "num_samples=16",
                                                      "seq_len=256", "gptq.min_tokens=4", *overrides])
@@ -279,11 +281,13 @@ def test_ptq_job_int4_export_and_int2_dense(dense_checkpoint, tmp_path):
 def test_qat_starts_from_the_gptq_solution(dense_checkpoint, tmp_path):
     from hydra import compose, initialize_config_dir
 
+    from qat.jobs import VERSION_BASE
+
     from qat import iter_quantized
     from train.recipe import TrainRecipe
 
     root = dense_checkpoint
-    with initialize_config_dir(config_dir=CONF, version_base=None):
+    with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
         cfg = compose(config_name="train", overrides=[
             "experiment=tiny_cpu_smoke", "threads=1", "progress_bar=false", f"data.path={root / 'traj.jsonl'}",
             f"output_dir={tmp_path / 'run'}", "max_steps=2", "qat_schedule.start_step=0", "qat_schedule.init=gptq", "qat.observer=lsq",
@@ -300,5 +304,5 @@ def test_qat_starts_from_the_gptq_solution(dense_checkpoint, tmp_path):
     recipe.train()
     recipe.cleanup()
     with pytest.raises(ValueError, match="qat_schedule.init='awq'"):
-        with initialize_config_dir(config_dir=CONF, version_base=None):
+        with initialize_config_dir(config_dir=CONF, version_base=VERSION_BASE):
             TrainRecipe(compose(config_name="train", overrides=[f"data.path={root / 'traj.jsonl'}", "qat_schedule.init=awq"]))

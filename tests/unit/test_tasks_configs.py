@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from qat.jobs import VERSION_BASE
 from sandbox_env import SandboxConfig
 from sandbox_env.tasks.corpus import Corpus, CorpusConfig
 from sandbox_env.generate import format_table, summarize
@@ -22,7 +23,7 @@ POLICIES = sorted(p.stem for p in (CONF / "policy").glob("*.yaml"))
 
 
 def compose_generate(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base=VERSION_BASE):
         return compose("generate", overrides=list(overrides))
 
 
