@@ -18,7 +18,9 @@ import torch
 GRIDS = ("k2", "full")
 OBSERVERS = ("absmax", "mse", "lsq", "static")
 KERNELS = ("auto", "eager", "compiled")
-SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The project's one map from a config's dtype name to the torch dtype (model, export, runtime, scales)."""
+SCALE_DTYPES = DTYPES  # the scale dtypes QuantConfig accepts: every one of them
 
 # Routed experts only. Fused v5 experts (`mlp.experts.gate_up_proj`, `down_proj`, or `up_proj`
 # for non-gated experts) and models that keep one nn.Linear per expert (`experts.3.w1.weight`).
@@ -114,7 +116,10 @@ class QuantConfig:
 
 
 def quant_config_from(cfg: Mapping[str, Any]) -> QuantConfig:
-    """QuantConfig from a conf/qat/*.yaml mapping (its schedule and init keys are ignored here)."""
+    """QuantConfig from a mapping of its fields (e.g. conf/export.yaml's `qat:`); null values take the default.
+
+    The training job's QAT schedule is a separate node (qat_schedule: train/config.py); the keys
+    it once shared with conf/qat/*.yaml are still skipped here, so old configs keep loading."""
     schedule_keys = {"enabled", "start_step", "refresh_every", "log_every", "init", "init_samples"}
     d = {k: v for k, v in dict(cfg).items() if k not in schedule_keys and v is not None}
     return QuantConfig.from_dict(d)

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
+from qat.config import DTYPES
+
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -35,7 +37,6 @@ FAMILIES = {
     "gpt_oss": "gpt_oss",
 }
 EXPERTS_IMPLEMENTATIONS = (None, "eager", "batched_mm", "grouped_mm")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def list_presets() -> list[str]:

@@ -26,9 +26,10 @@ from typing import Any, Iterable
 
 import torch
 
+from qat.config import DTYPES
+
 log = logging.getLogger("train.ptq")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def calibration_batches(records: Iterable[dict], tokenizer, *, num_samples: int, seq_len: int, batch_size: int,

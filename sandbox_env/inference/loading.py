@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None, "auto": None}
+from qat.config import DTYPES
 
 
 @dataclass
@@ -61,9 +61,11 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
 
     from data.tokenizer import load_tokenizer
 
-    if isinstance(dtype, str) or dtype is None:
+    if dtype is None or dtype == "auto":
+        torch_dtype = None  # as saved
+    elif isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {[k for k in DTYPES if k]} or null")
+            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)} or null")
         torch_dtype = DTYPES[dtype]
     else:
         torch_dtype = dtype
