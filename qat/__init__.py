@@ -20,12 +20,14 @@ from .fake_quant import (
     refresh_observers,
     set_fake_quant,
 )
+from .targets import match_targets
 
 # Export, runtime and PTQ load on first use: `import qat` stays light, and `python -m qat.export`
 # does not find its own module already imported by the package.
 _LAZY = {
-    "ExportIntegrityError": "export", "export_checkpoint_int4": "export", "export_int4": "export",
-    "load_qat_checkpoint": "export", "verify_export": "export",
+    "export_checkpoint_int4": "export", "export_int4": "export",
+    "ExportIntegrityError": "files", "verify_export": "files",
+    "checkpoint_kind": "checkpoint", "load_qat_checkpoint": "checkpoint", "write_qat_checkpoint": "checkpoint",
     "convert_int4": "load", "expert_weight_bytes": "load", "load_int4": "load", "restore_bf16": "load",
     "apply_ptq": "ptq",
 }
@@ -42,6 +44,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "ExportIntegrityError",
     "apply_ptq",
+    "checkpoint_kind",
     "convert_int4",
     "expert_weight_bytes",
     "export_checkpoint_int4",
@@ -50,12 +53,14 @@ __all__ = [
     "load_qat_checkpoint",
     "restore_bf16",
     "verify_export",
+    "write_qat_checkpoint",
     "ExpertWeightFakeQuant",
     "PrepareReport",
     "QuantConfig",
     "quant_config_from",
     "get_config",
     "iter_quantized",
+    "match_targets",
     "prepare",
     "quant_error_stats",
     "refresh_observers",

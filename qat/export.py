@@ -5,15 +5,12 @@ INT4 codes and bf16 scales of the model's own fake quantizers (`fq.quantize`), s
 bit for bit the weights that QAT trained against. A model without fake quant is quantized with
 round-to-nearest absmax (or the observer a QuantConfig names): the RTN baseline.
 
-The one idea: the checkpoint layout is transformers' own. Hub checkpoints keep one Linear per
-expert (`model.layers.L.mlp.experts.E.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.E.w1`),
-and transformers v5 fuses them into 3D tensors at load with the family's conversion mapping. We do
-not hard-code the inverse per family: we ask transformers' `revert_weight_conversion` (what its
-`save_pretrained` uses) where every row of every fused tensor goes, by reverting small index
-tensors, and then write the packed codes of those rows under those names. So transformers'
-`from_pretrained`, vLLM and SGLang see the layout they already load.
+The one idea: the checkpoint layout is transformers' own (qat/layout.py: where transformers'
+reverse conversion mapping puts every row of every fused expert tensor), and the packed codes of
+those rows are written under those names, so transformers' `from_pretrained`, vLLM and SGLang see
+the layout they already load.
 
-Written: sharded safetensors (+ index), config.json with the compressed-tensors
+Written (qat/files.py): sharded safetensors (+ index), config.json with the compressed-tensors
 `quantization_config`, generation config, tokenizer with its chat template, and last of all
 `export_complete.json` (every file's size and sha256), so a partial or altered export fails to load.
 Memory: tensors go out shard by shard. export_int4 adds to the model it is given the shard being
@@ -31,15 +28,11 @@ Legend: E experts, O output channels, I input channels, G = I / group_size.
 
 from __future__ import annotations
 
-import bisect
 import collections
-import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import threading
@@ -47,121 +40,36 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .fake_quant import ExpertWeightFakeQuant, get_config, iter_quantized, prepare
+from .checkpoint import QAT_CONFIG_FILE, load_qat_checkpoint, read_quant_config
+from .config import QuantConfig, quant_config_from
+from .fake_quant import Quantized, quantizers_for
+from .files import (
+    FORMAT_VERSION,
+    MARKER,
+    PROVENANCE_KEY,
+    ShardWriter,
+    clear_previous_export,
+    parse_size,
+    safetensors_files,
+    write_marker,
+)
 from .int4 import pack_int4
+from .layout import RowSlice, hub_layout, skeleton
+from .targets import match_targets
 
 log = logging.getLogger(__name__)
 
-MARKER = "export_complete.json"
-"""Written last: every other file of the export with its size and sha256."""
-PROVENANCE_KEY = "agentic_qat_export"
-"""config.json key saying this directory came from export_int4 (so a missing marker is an error)."""
-FORMAT_VERSION = 1
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+# Re-exported for callers of their old home, until they move: load_qat_checkpoint (qat/checkpoint.py),
+# verify_export and ExportIntegrityError (qat/files.py).
+from .files import ExportIntegrityError, verify_export  # noqa: E402,F401
 
-
-# --- where each tensor goes on the hub --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RowSlice:
-    """Rows r0:r1 of expert e of a fused [E, O, ...] tensor, stored under `hub_key`."""
-
-    hub_key: str
-    expert: int
-    r0: int
-    r1: int
-
-
-def hub_layout(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, str | list[RowSlice]]:
-    """Hub name(s) of each named tensor, from transformers' own reverse conversion mapping.
-
-    For a 3D tensor [E, O, ...] that the mapping un-fuses: the list of RowSlices (in hub key
-    order); for anything else: its hub name (the same name unless the family renames it).
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-
-    probes, spans, next_id = {}, {}, 0
-    for name, shape in shapes.items():
-        if len(shape) == 3:
-            n = shape[0] * shape[1]
-            probes[name] = torch.arange(next_id, next_id + n, dtype=torch.int64).view(shape[0], shape[1], 1)
-        else:
-            n = 1
-            probes[name] = torch.tensor([next_id], dtype=torch.int64)
-        spans[name] = (next_id, n)
-        next_id += n
-    reverted = revert_weight_conversion(model, probes)
-    starts = sorted(start for start, _ in spans.values())
-    owner = {start: name for name, (start, _) in spans.items()}
-    layout: dict[str, Any] = {}
-    for hub_key, ids in reverted.items():
-        ids = ids.reshape(-1)
-        name = owner[starts[bisect.bisect_right(starts, int(ids[0])) - 1]]
-        start, n = spans[name]
-        if ids.numel() == n and torch.equal(ids, torch.arange(start, start + n)):
-            layout[name] = hub_key  # renamed (or not), not split
-            continue
-        shape = shapes[name]
-        local = ids - start
-        e, rows = local // shape[1], local % shape[1]
-        r0, r1 = int(rows[0]), int(rows[-1]) + 1
-        if not (bool((e == e[0]).all()) and torch.equal(rows, torch.arange(r0, r1))):
-            raise ValueError(f"transformers' conversion mapping splits {name} into {hub_key} in a way that is not "
-                             f"one row range of one expert; this family's layout is not supported by export_int4")
-        layout.setdefault(name, []).append(RowSlice(hub_key, int(e[0]), r0, r1))
-    missing = set(shapes) - set(layout)
-    assert not missing, f"revert_weight_conversion dropped {sorted(missing)[:5]}"
-    return layout
-
-
-# --- what gets quantized -----------------------------------------------------------------------
-
-
-@dataclass
-class _Target:
-    name: str
-    module: nn.Module
-    attr: str
-    fq: ExpertWeightFakeQuant
-
-
-def _targets(model: nn.Module, quant_config: QuantConfig | None) -> tuple[list[_Target], QuantConfig, str]:
-    """The tensors to write as INT4 and how: the model's own fake quantizers if it was prepared,
-    else fresh quantizers of quant_config (default QuantConfig(): RTN absmax, K2 grid)."""
-    prepared_cfg = get_config(model)
-    if prepared_cfg is not None:
-        if quant_config is not None and quant_config != prepared_cfg:
-            raise ValueError("export_int4: the model was prepared with a QuantConfig that differs from the "
-                             "quant_config passed; the export uses the model's fake quantizers, so pass "
-                             "quant_config=None (or the same config)")
-        targets = [_Target(n, m, a, fq) for n, m, a, fq in iter_quantized(model)]
-        return targets, prepared_cfg, "fake_quant"
-    cfg = quant_config or QuantConfig()
-    patterns = [re.compile(p) for p in cfg.targets]
-    targets = []
-    for mod_name, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{attr}" if mod_name else attr
-            if not any(p.search(full) for p in patterns):
-                continue
-            if not ((isinstance(module, nn.Linear) and attr == "weight") or
-                    (param.ndim == 3 and not isinstance(module, nn.Linear))):
-                raise ValueError(f"QuantConfig.targets matched {full} (shape {list(param.shape)}), which is not an "
-                                 f"expert weight; narrow the targets")
-            transposed = bool(getattr(module, "is_transposed", False)) and param.ndim == 3
-            targets.append(_Target(full, module, attr, ExpertWeightFakeQuant(cfg, param.data, transposed, full)))
-    if not targets:
-        raise ValueError(f"export_int4: QuantConfig.targets {list(cfg.targets)} matched no parameter of "
-                         f"{type(model).__name__}; is it a MoE model with routed experts?")
-    return targets, cfg, f"rtn_{cfg.observer}"
+__all__ = ["ExportIntegrityError", "ExportReport", "export_checkpoint_int4", "export_from_checkpoint", "export_int4",
+           "load_qat_checkpoint", "quantization_config_dict", "verify_export", "main"]
 
 
 def quantization_config_dict(cfg: QuantConfig, ignore: list[str]) -> dict[str, Any]:
@@ -194,7 +102,7 @@ def quantization_config_dict(cfg: QuantConfig, ignore: list[str]) -> dict[str, A
     }
 
 
-class _ChunkedQuantizer:
+class ChunkedQuantizer:
     """Codes and scales of an expert tensor, a few experts at a time, packed as they come.
 
     For the absmax and mse observers this is fq.quantize's math op for op (same float32 ops in the
@@ -249,7 +157,7 @@ class _ChunkedQuantizer:
         packed = torch.bitwise_right_shift(p, 4).bitwise_or_(p).to(torch.uint8)
         return packed.view(torch.int32), scale
 
-    def chunks(self, t: "_Target"):
+    def chunks(self, t: Quantized):
         """Yields (e0, e1, packed int32 [e1-e0, O, I/8], scale [e1-e0, O, G]) for a 3D tensor, or
         (-1, -1, packed [O, I/8], scale [O, G]) for a 2D one."""
         fq, cfg = t.fq, t.fq.cfg
@@ -274,85 +182,6 @@ class _ChunkedQuantizer:
             yield (e0, e1, *self._quantize(weight[e0:e1], cfg, None if clip is None else clip[e0:e1]))
 
 
-# --- streaming shard writer --------------------------------------------------------------------
-
-
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / 1000 -> bytes (decimal units, as transformers)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: use bytes or a size like '5GB', '500MB'")
-    units = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    return int(float(m.group(1)) * units[m.group(2).upper() if m.group(2) else None])
-
-
-class _ShardWriter:
-    """Collects tensors into a shard until max_bytes, then writes it; names it -of-N at the end."""
-
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        # Each written shard is hashed on a second thread (hashlib releases the GIL) while the
-        # next one is quantized, so the marker's checksums cost no extra pass at the end.
-        self._hasher = ThreadPoolExecutor(max_workers=1)
-        self._hashes: dict[str, Any] = {}
-        self.hashes: dict[str, str] = {}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-        self.peak_pending_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in keys for _, keys in self.files):
-            raise ValueError(f"export_int4: two tensors map to the same checkpoint name {name!r}")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-        self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        tmp = f"shard-{len(self.files):05d}.safetensors.tmp"
-        save_file(self.pending, str(self.out_dir / tmp), metadata={"format": "pt"})
-        # hashed from the page cache on the second thread while this one goes on quantizing
-        self._hashes[tmp] = self._hasher.submit(sha256_file, self.out_dir / tmp)
-        self.files.append((tmp, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        self.flush()
-        n = len(self.files)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for (tmp, keys), final in zip(self.files, names):
-            self.hashes[final] = self._hashes.pop(tmp).result()  # before the rename: it reads the file
-            os.replace(self.out_dir / tmp, self.out_dir / final)
-            weight_map.update({k: final for k in keys})
-        self._hasher.shutdown()
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            names.append(INDEX_FILE)
-        return names
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(chunk))  # one buffer, refilled: no fresh pages per block
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
-
-
 # --- the export --------------------------------------------------------------------------------
 
 
@@ -373,24 +202,6 @@ class ExportReport:
     seconds: float = 0.0
 
 
-def _clear_previous_export(out: Path, overwrite: bool) -> None:
-    existing = [p for p in out.iterdir()] if out.exists() else []
-    if not existing:
-        return
-    if not overwrite:
-        raise ValueError(f"export_int4: out_dir {str(out)!r} is not empty; pass overwrite=True (job: overwrite=true) "
-                         f"or choose an empty directory")
-    # The marker goes first: from here on the directory reads as an incomplete export.
-    (out / MARKER).unlink(missing_ok=True)
-    for p in existing:
-        if p.name == MARKER:
-            continue
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
                 quant_config: QuantConfig | None = None, max_shard_size: int | str = "5GB",
@@ -404,7 +215,7 @@ def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = N
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    targets, cfg, source = _targets(model, quant_config)
+    targets, cfg, source = quantizers_for(model, quant_config)
     if cfg.bits != 4:
         raise ValueError(f"export_int4: QuantConfig.bits={cfg.bits}; the pack-quantized export writes 4-bit codes "
                          f"only, set bits=4")
@@ -439,10 +250,10 @@ def export_int4(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = N
 
     ignore = _ignore_list(model, names, set(by_name), {n: tuple(state[n].shape) for n in names}, layout)
 
-    _clear_previous_export(out, overwrite)
+    clear_previous_export(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, parse_size(max_shard_size))
-    quantizer = _ChunkedQuantizer()
+    writer = ShardWriter(out, parse_size(max_shard_size))
+    quantizer = ChunkedQuantizer()
     report = ExportReport(out_dir=str(out), source=source)
     for name in names:
         tensor = state[name].detach()
@@ -502,7 +313,7 @@ def _ignore_list(model: nn.Module, names: list[str], quantized: set[str], shapes
 
 
 def _finish(out: Path, model: nn.Module, cfg: QuantConfig, ignore: list[str], source: str, extra_writers,
-            report: "ExportReport", start: float, known_hashes: dict[str, str]) -> None:
+            report: ExportReport, start: float, known_hashes: dict[str, str]) -> None:
     """config.json, generation config, tokenizer, then the marker (last)."""
     config = json.loads(model.config.to_json_string(use_diff=False))
     config["architectures"] = [type(model).__name__]
@@ -512,49 +323,11 @@ def _finish(out: Path, model: nn.Module, cfg: QuantConfig, ignore: list[str], so
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for write in extra_writers:
         write()
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size,
-                                            "sha256": known_hashes.get(str(p.relative_to(out))) or sha256_file(p)}
-                  for p in files},
-    }
-    tmp = out / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MARKER)  # the marker appears whole or not at all
-    report.files = sorted(manifest["files"]) + [MARKER]
+    report.files = write_marker(out, known_hashes)
     report.seconds = time.perf_counter() - start
     log.info("export: %d tensors as INT4 (%d per-expert), %.1f MB in %d files, %.1fs -> %s",
              len(report.quantized), report.num_int4_tensors, report.total_bytes / 1e6, len(report.files),
              report.seconds, out)
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Parameters are created on the meta device (no memory, no init); buffers stay real, so
-    computed non-persistent buffers (rotary inv_freq) are correct without a checkpoint entry."""
-    original = nn.Module.register_parameter
-
-    def register_parameter(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register_parameter
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
-    """The transformers model of `config` with meta parameters (names, shapes, no memory)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    with parameters_on_meta(), no_init_weights():
-        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -565,7 +338,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            quant_config: QuantConfig | None = None, max_shard_size: int | str = "5GB",
                            overwrite: bool = False, dtype: torch.dtype | None = None,
-                           source: str = "rtn_absmax", workers: int | None = None) -> "ExportReport":
+                           source: str = "rtn_absmax", workers: int | None = None) -> ExportReport:
     """RTN INT4 export straight from a hub-layout safetensors checkpoint, tensor by tensor.
 
     What export_int4 writes for the same model without fake quant (bit for bit), without building
@@ -586,13 +359,7 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     if cfg.observer != "absmax":
         raise ValueError(f"export_checkpoint_int4: QuantConfig.observer={cfg.observer!r}; streaming export runs "
                          f"RTN absmax only, use export_int4(model, ...) for other observers")
-    index = src / INDEX_FILE
-    if index.exists():
-        files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-    elif (src / SINGLE_FILE).exists():
-        files = [SINGLE_FILE]
-    else:
-        raise ValueError(f"export: input={str(src)!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    files = safetensors_files(src)
     config = AutoConfig.from_pretrained(str(src))
     if getattr(config, "quantization_config", None):
         raise ValueError(f"export: input={str(src)!r} is already quantized (config.json has quantization_config)")
@@ -602,11 +369,7 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     names = list(state)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     layout = hub_layout(model, shapes)
-    patterns = [re.compile(p) for p in cfg.targets]
-    quantized = {n for n in names if any(p.search(n) for p in patterns)}
-    if not quantized:
-        raise ValueError(f"export: QuantConfig.targets {list(cfg.targets)} matched no parameter of "
-                         f"{type(model).__name__}")
+    quantized = {t.name for t in match_targets(model, cfg)}  # what export_int4 of the built model quantizes
     hub_quantized: dict[str, str] = {}
     for n in quantized:
         where = layout[n]
@@ -629,9 +392,9 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
         if n not in quantized:
             expected.update([where] if isinstance(where, str) else [s.hub_key for s in where])
 
-    _clear_previous_export(out, overwrite)
+    clear_previous_export(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, parse_size(max_shard_size))
+    writer = ShardWriter(out, parse_size(max_shard_size))
     report = ExportReport(out_dir=str(out), source=source)
     seen = set()
     # Quantization is elementwise work on independent tensors: with torch single-threaded, a
@@ -643,7 +406,7 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
 
     def quantize(tensor):
         if not hasattr(local, "quantizer"):
-            local.quantizer = _ChunkedQuantizer()
+            local.quantizer = ChunkedQuantizer()
         return local.quantizer._quantize(tensor, cfg, None)
 
     queue: collections.deque = collections.deque()
@@ -701,97 +464,12 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     return report
 
 
-class ExportIntegrityError(ValueError):
-    """The directory is an incomplete or altered export."""
-
-
-def verify_export(path: str | os.PathLike, *, hashes: bool = True) -> bool:
-    """Checks an export against its marker; True if verified, False if it is not one of ours.
-
-    Raises ExportIntegrityError (a ValueError) if config.json says export_int4 wrote it but the
-    marker is missing, or a listed file is missing, has another size, or (hashes=True) another sha256.
-    """
-    d = Path(path)
-    cfg_file = d / "config.json"
-    marker = d / MARKER
-    ours = False
-    if cfg_file.exists():
-        try:
-            ours = PROVENANCE_KEY in json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ExportIntegrityError(f"{cfg_file} is not valid JSON ({e}); the export is damaged, export again") from None
-    if not marker.exists():
-        if ours or (d / (MARKER + ".tmp")).exists():
-            raise ExportIntegrityError(
-                f"{d} is an incomplete INT4 export: {MARKER} (written last) is missing. The export was "
-                f"interrupted or the copy is partial; run the export again")
-        return False
-    try:
-        manifest = json.loads(marker.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ExportIntegrityError(f"{marker} is damaged ({e!r}); export again") from None
-    for rel, meta in files.items():
-        p = d / rel
-        if not p.exists():
-            raise ExportIntegrityError(f"{d}: {rel} is listed in {MARKER} but missing; the export is incomplete, "
-                                       f"copy or export it again")
-        size = p.stat().st_size
-        if size != meta["bytes"]:
-            raise ExportIntegrityError(f"{d}: {rel} has {size} bytes, {MARKER} says {meta['bytes']}: truncated or "
-                                       f"altered; copy or export it again")
-        if hashes and sha256_file(p) != meta["sha256"]:
-            raise ExportIntegrityError(f"{d}: {rel} does not match its sha256 in {MARKER}: the file was altered; "
-                                       f"copy or export it again")
-    return True
-
-
 # --- the Hydra job -----------------------------------------------------------------------------
-
-
-def _observer_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Fake-quant observer tensors (`...weight_fake_quant.<attr>.clip_ratio` / `.scale`) saved with
-    a training checkpoint, from any of its safetensors files."""
-    from safetensors import safe_open
-
-    state = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                if ".weight_fake_quant." in key:
-                    state[key] = sf.get_tensor(key)
-    return state
-
-
-QAT_CONFIG_FILE = "qat_config.json"
-"""A training checkpoint's QuantConfig (QuantConfig.to_dict()); its presence means "export the QAT
-model": the job prepares the model with it and restores the observer state before exporting."""
-
-
-def load_qat_checkpoint(path: str | os.PathLike, dtype: Any = "auto") -> nn.Module:
-    """A training checkpoint with fake quant (config.json + safetensors + qat_config.json), loaded
-    as the fake-quant model training optimised: `prepare` with the saved QuantConfig, then the saved
-    observer state (mse clipping ratios, lsq scales) on top."""
-    from transformers import AutoModelForCausalLM
-
-    src = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
-    prepare(model, QuantConfig.from_dict(json.loads((src / QAT_CONFIG_FILE).read_text())))
-    observers = _observer_state(src)
-    if observers:
-        result = model.load_state_dict(observers, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"checkpoint {str(src)!r}: observer state does not fit the prepared model: "
-                             f"{result.unexpected_keys[:5]}")
-    log.info("QAT checkpoint %s: %d observer tensors restored", src, len(observers))
-    return model
 
 
 def export_from_checkpoint(cfg: Any) -> ExportReport:
     """The `python -m qat.export` job (conf/export.yaml): checkpoint dir -> INT4 checkpoint dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .config import quant_config_from
 
     cfg = dict(cfg)  # a plain dict or Hydra's DictConfig
     src, dst = cfg.get("input"), cfg.get("output")
@@ -807,11 +485,9 @@ def export_from_checkpoint(cfg: Any) -> ExportReport:
     if dtype_name not in dtypes:
         raise ValueError(f"export: dtype={dtype_name!r}; choose one of {[k for k in dtypes if k]} or null (as saved)")
     dtype = dtypes[dtype_name]
-    qat_file = src / QAT_CONFIG_FILE
-    qat_checkpoint = qat_file.exists()
-    if qat_checkpoint:
-        quant_config = QuantConfig.from_dict(json.loads(qat_file.read_text()))
-    else:
+    quant_config = read_quant_config(src)
+    qat_checkpoint = quant_config is not None
+    if not qat_checkpoint:
         quant_config = quant_config_from(cfg.get("qat") or {})
     common = dict(max_shard_size=cfg.get("max_shard_size") or "5GB", overwrite=bool(cfg.get("overwrite")))
     stream = cfg.get("stream", True)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -27,10 +26,12 @@ from torch.nn import functional as F
 
 from . import numerics
 from .config import QuantConfig
+from .targets import match_targets, unmatched_patterns
 
 log = logging.getLogger(__name__)
 
 _QAT_ATTR = "_agentic_qat_config"
+"""Attribute of a prepared model holding its QuantConfig (get_config reads it, remove_fake_quant drops it)."""
 
 
 class ExpertWeightFakeQuant(nn.Module):
@@ -48,7 +49,7 @@ class ExpertWeightFakeQuant(nn.Module):
         self.transposed = transposed
         self.name = name
         self.enabled = True
-        w_OI = self._oriented(weight)
+        w_OI = self.oriented(weight)
         numerics.check_groupable(name, tuple(weight.shape), w_OI.shape[-1], cfg.group_size)
         groups_shape = (*w_OI.shape[:-1], w_OI.shape[-1] // cfg.group_size)
         if cfg.observer == "mse":
@@ -64,7 +65,7 @@ class ExpertWeightFakeQuant(nn.Module):
         c = self.cfg
         return f"{self.name}: int{c.bits} g{c.group_size} grid={c.grid} observer={c.observer} transposed={self.transposed}"
 
-    def _oriented(self, w: torch.Tensor) -> torch.Tensor:
+    def oriented(self, w: torch.Tensor) -> torch.Tensor:
         return w.transpose(-1, -2) if self.transposed else w
 
     def scale_for(self, w_OI: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class ExpertWeightFakeQuant(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The fake-quant weight, in the storage layout of `weight`."""
         cfg = self.cfg
-        w_OI = self._oriented(weight)
+        w_OI = self.oriented(weight)
         scale = self.scale_for(w_OI)
         if cfg.observer == "lsq":
             factor = 1.0 / math.sqrt(cfg.group_size * cfg.qmax)
@@ -95,7 +96,7 @@ class ExpertWeightFakeQuant(nn.Module):
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor):
         """(codes int8 [..., O, I], scale [..., O, G] in cfg.scale_dtype), oriented output-major."""
-        w_OI = self._oriented(weight)
+        w_OI = self.oriented(weight)
         scale = self.scale_for(w_OI).to(self.cfg.torch_scale_dtype)
         return numerics.codes_from_scale(w_OI, scale, self.cfg), scale
 
@@ -105,7 +106,7 @@ class ExpertWeightFakeQuant(nn.Module):
         if self.cfg.observer != "mse":
             return
         cfg = self.cfg
-        w_OI = self._oriented(weight).detach()
+        w_OI = self.oriented(weight).detach()
         # One expert (leading index) at a time keeps the search's temporaries small on real sizes.
         flat_w = w_OI.reshape(-1, *w_OI.shape[-2:])
         flat_ratio = self.clip_ratio.view(-1, *self.clip_ratio.shape[-2:])
@@ -196,10 +197,6 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def _is_fused_expert_tensor(module: nn.Module, attr: str, param: torch.Tensor) -> bool:
-    return param.ndim == 3 and not isinstance(module, nn.Linear)
-
-
 def prepare(model: nn.Module, cfg: QuantConfig | None = None) -> PrepareReport:
     """Puts INT4 fake quant on the target (by default routed-expert) weights of `model`, in place.
 
@@ -212,46 +209,19 @@ def prepare(model: nn.Module, cfg: QuantConfig | None = None) -> PrepareReport:
         raise TypeError(f"prepare(model, cfg): cfg must be a qat.QuantConfig, got {type(cfg).__name__}")
     if getattr(model, _QAT_ATTR, None) is not None:
         raise ValueError("prepare() was already applied to this model; build a fresh model to prepare it again")
-    patterns = [re.compile(p) for p in cfg.targets]
-    hits = {p.pattern: 0 for p in patterns}
+    targets = match_targets(model, cfg)
     report = PrepareReport(config=cfg, total_params=sum(p.numel() for p in model.parameters()))
-    plan: list[tuple[str, nn.Module, str, torch.Tensor]] = []
-    for mod_name, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{attr}" if mod_name else attr
-            matched = [p.pattern for p in patterns if p.search(full)]
-            if not matched:
-                continue
-            for m in matched:
-                hits[m] += 1
-            if isinstance(module, nn.Linear) and attr == "weight":
-                pass
-            elif not _is_fused_expert_tensor(module, attr, param):
-                raise ValueError(
-                    f"QuantConfig.targets matched {full} (shape {list(param.shape)}), which is neither a fused 3D "
-                    f"expert weight nor an nn.Linear weight; narrow the targets so they match expert weights only"
-                )
-            plan.append((full, module, attr, param))
-    if not plan:
-        candidates = [n for n, p in model.named_parameters() if "expert" in n or p.ndim == 3][:20]
-        raise ValueError(
-            f"QuantConfig.targets {list(cfg.targets)} matched no parameter of {type(model).__name__}. "
-            f"Candidate expert tensors: {candidates or 'none (is this a MoE model?)'}"
-        )
     # Validate every target before touching the model, so a bad config leaves it unchanged.
-    quantizers = []
-    for full, module, attr, param in plan:
-        transposed = bool(getattr(module, "is_transposed", False)) and param.ndim == 3
-        quantizers.append(ExpertWeightFakeQuant(cfg, param.data, transposed, name=full))
-    for (full, module, attr, param), fq in zip(plan, quantizers):
-        if not hasattr(module, "weight_fake_quant"):
-            module.weight_fake_quant = nn.ModuleDict()
-            _with_fake_quant(module)
-        module.weight_fake_quant[attr] = fq
-        report.quantized.append(full)
-        report.shapes[full] = tuple(param.shape)
-        report.num_params += param.numel()
-    report.unmatched = [p for p, n in hits.items() if n == 0]
+    quantizers = [ExpertWeightFakeQuant(cfg, t.param.data, t.transposed, name=t.name) for t in targets]
+    for t, fq in zip(targets, quantizers):
+        if not hasattr(t.module, "weight_fake_quant"):
+            t.module.weight_fake_quant = nn.ModuleDict()
+            _with_fake_quant(t.module)
+        t.module.weight_fake_quant[t.attr] = fq
+        report.quantized.append(t.name)
+        report.shapes[t.name] = tuple(t.param.shape)
+        report.num_params += t.param.numel()
+    report.unmatched = unmatched_patterns(targets, cfg)
     setattr(model, _QAT_ATTR, cfg)
     log.info(report.summary().splitlines()[0])
     return report
@@ -262,14 +232,54 @@ def get_config(model: nn.Module) -> QuantConfig | None:
     return getattr(model, _QAT_ATTR, None)
 
 
-def iter_quantized(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, ExpertWeightFakeQuant]]:
+class Quantized(NamedTuple):
+    """A quantized tensor with its quantizer: `getattr(module, attr)`, named `name`, quantized by `fq`."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    fq: ExpertWeightFakeQuant
+
+
+def iter_quantized(model: nn.Module) -> Iterator[Quantized]:
     """(parameter name, owning module, attribute name, quantizer) for every fake-quantized tensor."""
     for mod_name, module in model.named_modules():
         quantizers = getattr(module, "weight_fake_quant", None)
         if not isinstance(quantizers, nn.ModuleDict):
             continue
         for attr, fq in quantizers.items():
-            yield (f"{mod_name}.{attr}" if mod_name else attr), module, attr, fq
+            yield Quantized((f"{mod_name}.{attr}" if mod_name else attr), module, attr, fq)
+
+
+def quantizers_for(model: nn.Module, quant_config: QuantConfig | None,
+                   what: str = "export_int4") -> tuple[list[Quantized], QuantConfig, str]:
+    """The tensors to quantize and how, for the export and the PTQ baselines: the model's own fake
+    quantizers if it was prepared (source "fake_quant"), else fresh quantizers of quant_config
+    (default QuantConfig(): RTN absmax, K2 grid) on the tensors match_targets selects, the model left
+    unprepared (source "rtn_<observer>"). Returns (tensors, config, source)."""
+    prepared_cfg = get_config(model)
+    if prepared_cfg is not None:
+        if quant_config is not None and quant_config != prepared_cfg:
+            raise ValueError(f"{what}: the model was prepared with a QuantConfig that differs from the "
+                             f"quant_config passed; the export uses the model's fake quantizers, so pass "
+                             f"quant_config=None (or the same config)")
+        return list(iter_quantized(model)), prepared_cfg, "fake_quant"
+    cfg = quant_config or QuantConfig()
+    tensors = [Quantized(t.name, t.module, t.attr, ExpertWeightFakeQuant(cfg, t.param.data, t.transposed, t.name))
+               for t in match_targets(model, cfg)]
+    return tensors, cfg, f"rtn_{cfg.observer}"
+
+
+def remove_fake_quant(model: nn.Module) -> None:
+    """Undoes prepare: every quantizer is dropped and its module gets its own class back."""
+    _require_prepared(model, "remove_fake_quant")
+    for module in model.modules():
+        if "weight_fake_quant" in module._modules:
+            del module._modules["weight_fake_quant"]
+        base = getattr(type(module), "_agentic_qat_base", None)
+        if base is not None:
+            module.__class__ = base
+    delattr(model, _QAT_ATTR)
 
 
 def _require_prepared(model: nn.Module, what: str) -> None:
@@ -308,7 +318,7 @@ def quant_error_stats(model: nn.Module) -> dict[str, dict[str, float]]:
         w = getattr(module, attr)
         codes, scale = fq.quantize(w)
         w_hat = numerics.dequantize_groups(codes, scale, fq.cfg.group_size, torch.float32)
-        w_OI = fq._oriented(w)
+        w_OI = fq.oriented(w)
         stats[name] = {
             "sqnr_db": numerics.sqnr_db(w_OI, w_hat),
             "clipped_frac": float(((codes == fq.cfg.qmin) | (codes == fq.cfg.qmax)).float().mean()),

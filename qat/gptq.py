@@ -251,7 +251,7 @@ class GPTQResult:
 def gptq_experts(model: nn.Module, targets: list, cfg: QuantConfig, calibration: Iterable,
                  gcfg: GPTQConfig) -> GPTQResult:
     """Runs GPTQ on every target (fused 3D expert tensor), layer by layer; writes the quantized
-    weights (codes x scales) into the model and returns the scales. `targets`: qat.export._targets."""
+    weights (codes x scales) into the model and returns the scales. `targets`: qat.fake_quant.quantizers_for."""
     by_module: dict[int, dict[str, Any]] = {}
     for t in targets:
         if getattr(t.module, t.attr).ndim != 3:
@@ -323,7 +323,7 @@ def _quantize_module(experts: nn.Module, targets: dict[str, Any], x_NH: torch.Te
                     "on held-out text, scripts/bench/gptq.py); give more calibration tokens, or raise percdamp",
                     prefix, median, x_NH.shape[-1])
     for t in targets.values():
-        O, I = t.fq._oriented(getattr(experts, t.attr)[0]).shape
+        O, I = t.fq.oriented(getattr(experts, t.attr)[0]).shape
         result.scales[t.name] = torch.empty(E, O, I // cfg.group_size, dtype=cfg.torch_scale_dtype)
     for e0 in range(0, E, gcfg.experts_per_chunk):
         chunk = list(range(e0, min(E, e0 + gcfg.experts_per_chunk)))
@@ -339,7 +339,7 @@ def _quantize_module(experts: nn.Module, targets: dict[str, Any], x_NH: torch.Te
 def _quantize_chunk(t, chunk: list[int], H: torch.Tensor, n_tokens: list[int], cfg: QuantConfig,
                     gcfg: GPTQConfig, result: GPTQResult) -> None:
     param = getattr(t.module, t.attr)
-    w_EOI = t.fq._oriented(param.data[chunk[0]:chunk[-1] + 1]).float()
+    w_EOI = t.fq.oriented(param.data[chunk[0]:chunk[-1] + 1]).float()
     use = torch.tensor([n >= gcfg.min_tokens for n in n_tokens])
     codes, scale = numerics.quantize_groups(w_EOI, cfg)  # RTN, kept for experts below min_tokens
     if use.any():
@@ -351,5 +351,5 @@ def _quantize_chunk(t, chunk: list[int], H: torch.Tensor, n_tokens: list[int], c
     power = result._power.setdefault(t.name, [0.0, 0.0])
     power[0] += float(w_EOI.pow(2).sum())
     power[1] += float((w_EOI - w_hat).pow(2).sum())
-    param.data[chunk[0]:chunk[-1] + 1] = t.fq._oriented(w_hat).to(param.dtype)
+    param.data[chunk[0]:chunk[-1] + 1] = t.fq.oriented(w_hat).to(param.dtype)
     result.scales[t.name][chunk[0]:chunk[-1] + 1] = scale

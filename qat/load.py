@@ -8,7 +8,7 @@ runs through the `qat_int4` experts implementation registered with transformers.
 caches and our rollout loop all work unchanged, on int4 kernels.
 
 The one idea: the loader is export_int4 run backwards with the same name oracle
-(`qat.export.hub_layout`, i.e. transformers' own conversion mapping), so whatever layout we
+(`qat.layout.hub_layout`, i.e. transformers' own conversion mapping), so whatever layout we
 write, or any compressed-tensors producer writes for these families (llm-compressor,
 Kimi-K2-Thinking), is read back without per-family code.
 
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .export import INDEX_FILE, PROVENANCE_KEY, SINGLE_FILE, RowSlice, hub_layout, skeleton, verify_export
+from .files import INDEX_FILE, PROVENANCE_KEY, SINGLE_FILE, verify_export
 from .int4 import Int4Linear, Int4Weight, dequantize_int4, register_experts_implementation
+from .layout import RowSlice, hub_layout, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def convert_int4(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     GPT-OSS's transposed experts included (which the compressed-tensors export cannot express).
     Per-expert nn.Linear targets become Int4Linear. Returns the model.
     """
-    from .fake_quant import _QAT_ATTR, get_config, iter_quantized
+    from .fake_quant import get_config, iter_quantized, remove_fake_quant
     from .int4 import pack_int4
 
     if get_config(model) is None:
@@ -342,13 +343,7 @@ def convert_int4(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         setattr(module, attr.replace("_proj", "_int4"),
                 Int4Weight(packed, scale, fq.cfg.group_size, codes.shape[-1], backend))
         num_experts += 1
-    for _, module, _, _ in targets:
-        if "weight_fake_quant" in module._modules:
-            del module._modules["weight_fake_quant"]
-        base = getattr(type(module), "_agentic_qat_base", None)
-        if base is not None:
-            module.__class__ = base
-    delattr(model, _QAT_ATTR)
+    remove_fake_quant(model)
     if num_experts:
         model.config._experts_implementation = register_experts_implementation()
     for p in model.parameters():

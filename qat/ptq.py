@@ -36,7 +36,7 @@ from torch import nn
 
 from . import numerics
 from .config import QuantConfig
-from .fake_quant import PrepareReport, get_config, iter_quantized, prepare
+from .fake_quant import PrepareReport, get_config, iter_quantized, prepare, quantizers_for
 from .gptq import GPTQConfig
 
 METHODS = ("rtn", "rtn_mse", "nf4_b32", "nf4_b64")
@@ -86,8 +86,6 @@ def apply_ptq(model: nn.Module, method: str, quant_config: QuantConfig | None = 
     one). gptq only: `calibration`, an iterable of token-id tensors ([T] or [B, T]) or batches
     (dicts with input_ids and optionally attention_mask / position_ids); `gptq`, its settings.
     """
-    from .export import _targets  # the same target matching as the export
-
     if method not in METHODS + CALIBRATED_METHODS:
         raise ValueError(f"apply_ptq: method={method!r}; choose one of {METHODS + CALIBRATED_METHODS}")
     if get_config(model) is not None:
@@ -103,7 +101,7 @@ def apply_ptq(model: nn.Module, method: str, quant_config: QuantConfig | None = 
     if method.startswith("nf4"):
         blocksize = int(method.split("_b")[1])
         cfg = dataclasses.replace(cfg, group_size=blocksize, observer="absmax")
-    targets, _, _ = _targets(model, cfg)  # validates group size against every target
+    targets, _, _ = quantizers_for(model, cfg, "apply_ptq")  # what the export quantizes; checks group sizes
     report = PTQReport(method=method, quant_config=cfg)
     if method == "gptq":
         from .gptq import gptq_experts
@@ -116,7 +114,7 @@ def apply_ptq(model: nn.Module, method: str, quant_config: QuantConfig | None = 
         return report
     for t in targets:
         param = getattr(t.module, t.attr)
-        w_OI = t.fq._oriented(param.data).float()
+        w_OI = t.fq.oriented(param.data).float()
         if method.startswith("nf4"):
             flat = w_OI.reshape(-1, *w_OI.shape[-2:])
             w_hat = torch.stack([_nf4_roundtrip(flat[i], blocksize) for i in range(flat.shape[0])]).reshape(w_OI.shape)
@@ -124,7 +122,7 @@ def apply_ptq(model: nn.Module, method: str, quant_config: QuantConfig | None = 
             codes, scale = t.fq.quantize(param.data)
             w_hat = numerics.dequantize_groups(codes, scale, cfg.group_size, torch.float32)
         report.sqnr_db[t.name] = numerics.sqnr_db(w_OI, w_hat)
-        param.data.copy_(t.fq._oriented(w_hat).to(param.dtype))
+        param.data.copy_(t.fq.oriented(w_hat).to(param.dtype))
         report.tensors.append(t.name)
         report.num_params += param.numel()
     return report

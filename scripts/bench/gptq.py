@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qat import QuantConfig, numerics  # noqa: E402
-from qat.export import _targets  # noqa: E402
+from qat.fake_quant import quantizers_for  # noqa: E402
 from qat.gptq import GPTQConfig, GPTQResult, _quantize_module  # noqa: E402
 
 
@@ -147,7 +147,7 @@ def main() -> None:
         rtn("gate_up_proj", e), rtn("down_proj", e)
     t_rtn = time.perf_counter() - t
 
-    targets, _, _ = _targets(block, cfg)
+    targets, _, _ = quantizers_for(block, cfg)
     result = GPTQResult()
     t = time.perf_counter()
     _quantize_module(block.experts, {tg.attr: tg for tg in targets}, x, idx, cfg, gcfg, result)

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qat import QuantConfig, iter_quantized, prepare
-from qat.export import export_int4, verify_export
+from qat.export import export_int4
+from qat.files import verify_export
 from qat.load import load_int4
 from train.models import build_model, load_preset
 

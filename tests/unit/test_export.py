@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from qat import QuantConfig, prepare
-from qat.export import MARKER, ExportIntegrityError, export_int4, quantization_config_dict, verify_export
+from qat.export import export_int4, quantization_config_dict
+from qat.files import MARKER, ExportIntegrityError, verify_export
 from qat.int4 import dequantize_int4, unpack_int4
 from train.models import build_model, load_preset
 
@@ -228,7 +229,8 @@ def test_quantization_config_dict_group_size():
 def test_chunked_quantizer_is_fq_quantize_bit_for_bit(observer, grid, dtype, monkeypatch):
     from torch import nn
 
-    from qat.export import _ChunkedQuantizer, _Target
+    from qat.export import ChunkedQuantizer
+    from qat.fake_quant import Quantized
     from qat.fake_quant import ExpertWeightFakeQuant
     from qat.int4 import pack_int4
 
@@ -240,8 +242,8 @@ def test_chunked_quantizer_is_fq_quantize_bit_for_bit(observer, grid, dtype, mon
     cfg = QuantConfig(observer=observer, grid=grid)
     fq = ExpertWeightFakeQuant(cfg, w.data, False, "gate_up_proj")
     codes, scale = fq.quantize(w)
-    monkeypatch.setattr(_ChunkedQuantizer, "CHUNK_ELEMENTS", 3 * 48 * 128)  # chunks of 3 experts: 3, 3, 1
-    chunks = list(_ChunkedQuantizer().chunks(_Target("gate_up_proj", module, "gate_up_proj", fq)))
+    monkeypatch.setattr(ChunkedQuantizer, "CHUNK_ELEMENTS", 3 * 48 * 128)  # chunks of 3 experts: 3, 3, 1
+    chunks = list(ChunkedQuantizer().chunks(Quantized("gate_up_proj", module, "gate_up_proj", fq)))
     if observer != "lsq":
         assert [(c[0], c[1]) for c in chunks] == [(0, 3), (3, 6), (6, 7)]
     assert torch.equal(torch.cat([c[2] for c in chunks]), pack_int4(codes))
