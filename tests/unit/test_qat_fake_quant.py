@@ -87,24 +87,6 @@ def test_straight_through_gradient_is_identity_in_range():
     assert torch.equal(w.grad, upstream)
 
 
-def test_clipped_observer_zeroes_gradient_outside_range_only():
-    cfg = QuantConfig(observer="mse")
-    torch.manual_seed(0)
-    w = torch.randn(1, 4, 64)
-    w[0, 0, 3] = 5.0  # a moderate outlier: clipping it buys resolution for the other 31 weights
-    fq = ExpertWeightFakeQuant(cfg, w, transposed=False)
-    assert float(fq.clip_ratio[0, 0, 0]) < 1.0
-    wg = w.clone().requires_grad_(True)
-    upstream = torch.randn_like(w)
-    fq(wg).backward(upstream)
-    scale = numerics.absmax_scale(w, cfg, fq.clip_ratio).float()
-    v = w.unflatten(-1, (-1, 32)) / scale.unsqueeze(-1)
-    inside = ((v >= cfg.qmin) & (v <= cfg.qmax)).flatten(-2)
-    assert not inside[0, 0, 3]
-    assert torch.equal(wg.grad[inside], upstream[inside])
-    assert torch.all(wg.grad[~inside] == 0)
-
-
 def test_mse_observer_error_not_worse_than_absmax():
     torch.manual_seed(0)
     w = torch.randn(4, 32, 128) * torch.rand(4, 32, 1)
@@ -134,17 +116,101 @@ def test_lsq_scales_get_gradients_and_move():
     assert float(fq.scale.detach().mean()) < float(before.mean())
 
 
-def test_lsq_scale_gradient_matches_formula():
+# --- gradients: every custom backward against autograd of a plain reference ------------------------
+#
+# The reference is written with ordinary differentiable ops and the textbook straight-through
+# estimator (`c + (round(c) - c).detach()`), and autograd derives its gradients: through the clamp
+# (zero outside the grid, when the observer clips), through `q * s` and `w / s` (which together give
+# LSQ's scale gradient q - v inside the grid and q outside), the scale's rounding to bf16 as the
+# identity, and LSQ's gradient scale as a hook. Nothing of qat.numerics' backward formula is restated.
+
+
+def reference_fake_quant_autograd(w_OI, scale_OG, cfg, clip: bool):
+    g = cfg.group_size
+    s = scale_OG.unsqueeze(-1)
+    v = w_OI.float().unflatten(-1, (-1, g)) / s
+    # LSQ's order (Esser et al. 2020): clip, then round; the clip's gradient decides what is "outside"
+    c = v.clamp(cfg.qmin, cfg.qmax) if clip else v + (v.clamp(cfg.qmin, cfg.qmax) - v).detach()
+    q = c + (c.round() - c).detach()  # straight-through rounding
+    return (q * s).flatten(-2).to(w_OI.dtype)
+
+
+def reference_lsq_scale(scale_param, cfg):
+    """The lsq observer's scale as plain ops: |s| rounded to the scale dtype (straight through), its
+    gradient scaled by 1 / sqrt(group_size * qmax) (LSQ, Esser et al. 2020) with a hook."""
+    s = scale_param.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    s = s + (s.to(cfg.torch_scale_dtype).float() - s).detach()
+    factor = 1.0 / math.sqrt(cfg.group_size * cfg.qmax)
+    s.register_hook(lambda grad: grad * factor)
+    return s
+
+
+def _weights(seed, shape=(3, 16, 96)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g)
+
+
+@pytest.mark.parametrize("observer", ["absmax", "mse", "static", "lsq"])
+@pytest.mark.parametrize("grid", ["k2", "full"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fake_quant_gradients_match_autograd_of_reference(observer, grid, transposed):
+    cfg = QuantConfig(observer=observer, grid=grid)
+    for seed in range(6):
+        w_OI = _weights(seed)
+        w_OI[0, 1, 7] *= 40  # an outlier: with mse it is clipped, its gradient must vanish
+        w = w_OI.transpose(-1, -2).contiguous() if transposed else w_OI
+        fq = ExpertWeightFakeQuant(cfg, w, transposed=transposed)
+        if observer == "lsq":  # learned scales well below absmax: many weights fall outside the grid
+            with torch.no_grad():
+                fq.scale.mul_(0.6)
+        upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(100 + seed))
+        wg = w.clone().requires_grad_(True)
+        out = fq(wg)
+        (out * upstream).sum().backward()
+
+        w_ref = w_OI.clone().requires_grad_(True)
+        if observer == "lsq":
+            s_param = fq.scale.detach().clone().requires_grad_(True)
+            s_ref = reference_lsq_scale(s_param, cfg)
+        else:
+            s_ref = fq.scale_for(w_OI).float()  # the observer's scales (no gradient of their own)
+        ref = reference_fake_quant_autograd(w_ref, s_ref, cfg, clip=observer != "absmax")
+        up_OI = upstream.transpose(-1, -2) if transposed else upstream
+        (ref * up_OI).sum().backward()
+
+        got_out = out.transpose(-1, -2) if transposed else out
+        assert torch.equal(got_out, ref.detach()), f"seed {seed}: forward differs from the reference"
+        got_grad = wg.grad.transpose(-1, -2) if transposed else wg.grad
+        torch.testing.assert_close(got_grad, w_ref.grad, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {seed}, d/dw: {m}")
+        clipped = (w_ref.grad == 0).sum()
+        if observer == "absmax":
+            assert clipped == 0  # absmax never clips: the gradient is upstream's everywhere
+        else:
+            assert clipped > 0, "the test must reach weights outside the grid"
+        if observer == "lsq":
+            torch.testing.assert_close(fq.scale.grad, s_param.grad, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"seed {seed}, d/dscale: {m}")
+            assert fq.scale.grad.abs().sum() > 0
+
+
+def test_lsq_scale_gradient_against_finite_differences_of_the_clipped_part():
+    """Where every weight of a group is clipped, the fake-quant weight is qmax*s or qmin*s, linear
+    in s: there LSQ's scale gradient (q, times its gradient scale) is the true derivative, which
+    central differences measure."""
     cfg = QuantConfig(observer="lsq")
-    w = torch.randn(1, 1, 32, dtype=torch.float64).float()
-    scale = torch.tensor([[0.3]], dtype=torch.float32, requires_grad=True)
-    out = numerics.fake_quant(w, scale, cfg, clip_grad_mask=True, scale_grad_factor=1.0)
-    out.sum().backward()
-    v = w / 0.3
-    q = v.round().clamp(-7, 7)
-    inside = (v >= -7) & (v <= 7)
-    expected = torch.where(inside, q - v, q).sum()
-    torch.testing.assert_close(scale.grad.squeeze(), expected.squeeze())
+    w = torch.full((1, 1, 32), 3.0, dtype=torch.float64)
+    w[..., 1::2] = -3.0
+    scale = torch.tensor([[0.25]], dtype=torch.float64, requires_grad=True)  # |w| / s = 12: all clipped
+    upstream = torch.randn(1, 1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    factor = 1.0 / math.sqrt(cfg.group_size * cfg.qmax)
+
+    def f(s):
+        return (numerics.fake_quant(w, s, cfg, clip_grad_mask=True, scale_grad_factor=factor) * upstream).sum()
+
+    f(scale).backward()
+    h = 1e-2  # the fake quant computes in float32; s +- h keeps every weight clipped (|w| / s > 7)
+    fd = (f(scale.detach() + h) - f(scale.detach() - h)) / (2 * h)
+    torch.testing.assert_close(scale.grad.squeeze() / factor, fd, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("preset", TINY_FAMILIES)
