@@ -21,14 +21,56 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, List, Optional
 
 import torch
 
 from qat.config import DTYPES
+from qat.gptq import GPTQConfig
+from qat.jobs import register_schema
 
 log = logging.getLogger("train.ptq")
+
+
+@dataclass
+class PTQJobConfig:
+    """conf/ptq.yaml, the `python -m train.ptq` job (registered as ptq_schema). The quantizer fields
+    (bits, group_size, grid, scale_dtype, targets) are qat.QuantConfig's; null takes its default."""
+
+    input: str = "???"
+    """Dense HF checkpoint dir (config.json + safetensors + tokenizer). Required."""
+    output: str = "???"
+    """Must be empty unless overwrite=true. Required."""
+    calibration: str = "???"
+    """Trajectories (sandbox_env.generate): the TRAINING data, never held-out tasks. Required."""
+    method: str = "gptq"
+    """The calibrated method; rtn / rtn_mse / nf4 need no job (evaluate's `ptq:` entries)."""
+    num_samples: int = 128
+    """Calibration documents (one user turn each, <= seq_len tokens); each expert should see more tokens
+    than its input dim (~tokens x top_k / experts), or GPTQ overfits them."""
+    seq_len: int = 512
+    batch_size: int = 8
+    """Documents per forward; memory only."""
+    val_fraction: float = 0.05
+    """The training job's eval.val_fraction: its held-out records are left out here too."""
+    seed: int = 0
+    """The training job's seed (same held-out split)."""
+    dtype: Optional[str] = None
+    """null = as saved."""
+    overwrite: bool = False
+    bits: Optional[int] = None
+    """4 -> INT4 export; 3 / 2 -> dense checkpoint of the fake-quant weights. null = QuantConfig's (4)."""
+    group_size: Optional[int] = None
+    grid: Optional[str] = None
+    scale_dtype: Optional[str] = None
+    targets: Optional[List[str]] = None
+    """null = routed experts only."""
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+
+register_schema("ptq", PTQJobConfig)
 
 
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 import sandbox_env  # noqa: F401  registers sandbox/sandbox_schema (conf/sandbox)
 import train  # noqa: F401  registers train_schema
+import train.ptq  # noqa: F401  registers ptq_schema
 import train.upcycle  # noqa: F401  registers upcycle_schema
 from qat.jobs import compose
 
