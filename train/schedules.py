@@ -2,6 +2,11 @@
 
 Kept as plain functions of the step so the schedule is a pure function: resuming at step k
 gives the same learning rate as an uninterrupted run without replaying anything.
+
+Why not `transformers.get_scheduler`: its warmups are step/warmup_steps, so the first optimizer
+step runs at lr 0 (a wasted step) and every warmup step one notch lower than here ((step+1)/warmup);
+after warmup its "cosine_with_min_lr" / "linear" values equal these. No name it offers reproduces
+this schedule, and switching would change the loss of every run that warms up.
 """
 
 from __future__ import annotations
