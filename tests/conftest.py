@@ -1,10 +1,72 @@
 """Fixtures shared by every test: corpora, tokenizers and tiny models from tests/fixtures.py, built
-once per session (training the tiny tokenizer takes about a second)."""
+once per session (training the tiny tokenizer takes about a second).
+
+Unit tests are the fast loop (`pytest -m "not integration"`): no subprocess, no sandbox. Every test
+under tests/integration/ is marked `integration` here, by its path, and every other test runs with
+process creation (subprocess, fork, posix_spawn, multiprocessing) switched off, so a unit test that
+starts a sandbox or a subprocess fails at once and names where it belongs."""
+
+import multiprocessing.util
+import os
+import platform
+import subprocess
+import traceback
+from pathlib import Path
 
 import pytest
 
 from data.schema import write_jsonl
 from tests.fixtures import make_records, qwen3_style_tokenizer, tiny_model_and_tokenizer, tiny_tokenizer
+
+INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+# The standard library runs `uname -p` once, on first use, and caches it (libraries such as openai
+# ask for platform.platform()); ask now, so that no unit test is blamed for it.
+platform.processor()
+
+
+# Unit tests that start a process, in files being rewritten right now (issue 16): they move to
+# tests/integration/ with that rewrite, and leave this list then.
+STARTS_A_PROCESS = {
+    "tests/unit/test_train_recipe.py::test_wandb_offline_logs_locally",  # wandb's service process
+    "tests/unit/test_train_recipe.py::test_unknown_override_fails_naming_it_on_the_command_line",  # python -m train
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_DIR in Path(item.path).parents or item.nodeid.split("[")[0] in STARTS_A_PROCESS:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _no_processes_in_unit_tests(request, monkeypatch):
+    """A unit test that starts a process fails; move it to tests/integration/ or mark it
+    `integration`. The refusal is also checked after the test, since code that turns a tool's
+    crash into an error message (the rollout loop does) would otherwise swallow it."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append("".join(traceback.format_stack(limit=12)[:-1]))
+        raise RuntimeError(f"{request.node.nodeid} starts a process (subprocess, sandbox, fork or "
+                           "multiprocessing): unit tests may not; move it to tests/integration/ or mark it "
+                           "@pytest.mark.integration")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse)
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "spawnv", "spawnve", "spawnvp",
+                 "spawnvpe", "execv", "execve"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse)
+    yield
+    if attempts:
+        pytest.fail(f"{request.node.nodeid} tried to start a process ({len(attempts)} times): unit tests may "
+                    "not; move it to tests/integration/ or mark it @pytest.mark.integration. First attempt:\n"
+                    + attempts[0], pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -386,20 +386,6 @@ def test_isolation_none_warns_loudly(caplog):
         assert s.run_shell("pwd").output.strip() == os.path.realpath(s.workdir)
 
 
-def test_missing_bwrap_refuses_to_start(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without bwrap
-    with pytest.raises(RuntimeError, match="apt-get install bubblewrap"):
-        Sandbox(SandboxConfig())
-
-
-@pytest.mark.parametrize("field,value", [("timeout_s", 0), ("memory_mb", -1), ("max_processes", 1.5),
-                                         ("isolation", "docker"), ("max_output_bytes", True),
-                                         ("python", "python3")])
-def test_config_rejects_bad_values(field, value):
-    with pytest.raises(ValueError, match=field):
-        SandboxConfig(**{field: value})
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"),
                     reason="needs root to run the unprivileged-user mode under setpriv")
 def test_unprivileged_user_mode():

@@ -1,14 +1,11 @@
-"""ToolBox: every tool against the real sandbox and a real index, and every kind of bad call."""
+"""ToolBox: the search and open tools against a real index, and every kind of bad call. The python
+and shell tools, which need a sandbox, are in tests/integration/test_tools_sandbox.py."""
 
 import json
-import shutil
 
 import pytest
 
-from sandbox_env import SearchIndex, Sandbox, SandboxConfig, ToolBox, ToolResult
-
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                 reason="bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+from sandbox_env import SearchIndex, ToolBox, ToolResult
 
 LONG_TEXT = " ".join(f"Sentence {i} of the long chronicle of Orvane." for i in range(200))
 DOCS = [
@@ -20,19 +17,6 @@ DOCS = [
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     return SearchIndex.build(tmp_path_factory.mktemp("tools") / "corpus.db", DOCS)
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
-    with Sandbox(SandboxConfig(timeout_s=5.0)) as sb:
-        yield sb
-
-
-@pytest.fixture(scope="module")
-def tb(sandbox, index):
-    return ToolBox(sandbox=sandbox, index=index, open_page_chars=1000, search_k=5)
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +39,6 @@ def test_schemas_are_openai_tools(index):
     json.dumps(schemas)  # serializable as is
     schemas[0]["function"]["name"] = "mutated"  # callers get a copy
     assert tb.schemas()[0]["function"]["name"] == "search"
-
-
-@needs_bwrap
-def test_python_tool(tb):
-    r = tb.call("python", '{"code": "big = 2**100\\nprint(big)"}')
-    assert r == ToolResult(content="1267650600228229401496703205376\n", ok=True, error=None)
-    r = tb.call("python", {"code": "big % 7"})  # state persists; dict arguments work too
-    assert r.ok and r.content == f"{2**100 % 7}\n"
-    r = tb.call("python", {"code": "undefined_name"})
-    assert not r.ok and "NameError" in r.error and "Traceback" in r.content
-    assert tb.call("python", {"code": "x = 1"}).content == "(no output)"
-
-
-@needs_bwrap
-def test_shell_tool(tb):
-    r = tb.call("shell", {"command": "echo hello > f.txt && cat f.txt"})
-    assert r.ok and r.content == "hello\n"
-    r = tb.call("shell", {"command": "ls missing-file"})
-    assert not r.ok and "missing-file" in r.content and "[the command exited with status 2]" in r.content
 
 
 def test_search_tool(retrieval):
