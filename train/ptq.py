@@ -23,9 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
-
-import torch
+from typing import Any, List, Optional
 
 from qat.config import DTYPES
 from qat.gptq import GPTQConfig
@@ -73,26 +71,6 @@ class PTQJobConfig:
 register_schema("ptq", PTQJobConfig)
 
 
-
-def calibration_batches(records: Iterable[dict], tokenizer, *, num_samples: int, seq_len: int, batch_size: int,
-                        seed: int) -> list[dict[str, torch.Tensor]]:
-    """Up to `num_samples` rendered documents (one user turn each, split to fit seq_len) of
-    `records`, shuffled by `seed`, as padded batches with input_ids and attention_mask (padding
-    must not reach GPTQ's Hessians, so one document per row rather than packed rows)."""
-    from data.pipeline import build_dataloader
-
-    loader = build_dataloader(list(records), tokenizer, seq_len=seq_len, batch_size=batch_size, packing=False,
-                              seed=seed, shuffle=True, drop_last=False)
-    batches, rows = [], 0
-    for b in loader:
-        take = min(b["input_ids"].shape[0], num_samples - rows)
-        batches.append({"input_ids": b["input_ids"][:take], "attention_mask": b["attention_mask"][:take]})
-        rows += take
-        if rows >= num_samples:
-            break
-    return batches
-
-
 def _validate(cfg: dict[str, Any]) -> None:
     for key in ("input", "output", "calibration"):
         if cfg.get(key) in (None, "", "???"):
@@ -124,7 +102,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from qat.export import export_int4
     from qat.gptq import GPTQConfig
     from qat.ptq import apply_ptq, prepare_with_scales
-    from train.recipe import _split_heldout
+    from data.pipeline import calibration_batches, split_heldout
 
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     _validate(cfg)
@@ -140,7 +118,7 @@ def run(cfg: Any) -> dict[str, Any]:
     tokenizer = load_tokenizer(src)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=DTYPES.get(cfg.get("dtype"), "auto")).eval()
     records = list(read_trajectories(str(cfg["calibration"])))
-    train_records, held_out = _split_heldout(records, float(cfg["val_fraction"]), int(cfg["seed"]))
+    train_records, held_out = split_heldout(records, float(cfg["val_fraction"]), int(cfg["seed"]))
     batches = calibration_batches(train_records, tokenizer, num_samples=cfg["num_samples"], seq_len=cfg["seq_len"],
                                   batch_size=cfg["batch_size"], seed=int(cfg["seed"]))
     log.info("ptq: calibrating on %d documents of %d training trajectories (%d held out) from %s",

@@ -199,7 +199,7 @@ class TrainRecipe:
         log.info("run dir %s%s", self.run_dir, f"; resuming from {self.resume_path}" if self.resume_path else "")
 
     def _setup_tokenizer_and_data(self) -> None:
-        from data.pipeline import build_dataloader
+        from data.pipeline import build_dataloader, split_heldout
         from data.schema import iter_trajectories, read_trajectories
         from data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -214,7 +214,7 @@ class TrainRecipe:
                 log.warning("data.streaming=true: no held-out split, so no held-out loss (eval.every ignored)")
         else:
             records = list(read_trajectories(d.path, on_error=d.get("on_error", "raise")))
-            train_records, val_records = _split_heldout(records, cfg.eval.val_fraction, cfg.seed)
+            train_records, val_records = split_heldout(records, cfg.eval.val_fraction, cfg.seed)
             train_source = train_records
         if cfg.model.path is not None:
             tokenizer = load_tokenizer(cfg.model.path)
@@ -306,7 +306,7 @@ class TrainRecipe:
         """qat_schedule.init=gptq: GPTQ of the routed experts on qat_schedule.init_samples documents of the training split."""
         from data.schema import iter_trajectories
         from qat.ptq import apply_ptq
-        from train.ptq import calibration_batches
+        from data.pipeline import calibration_batches
 
         cfg = self.cfg
         n = cfg.qat_schedule.init_samples
@@ -614,18 +614,9 @@ class TrainRecipe:
         state_dict = acc.get_state_dict(self.model)
         acc.save_state(str(tmp / "accelerate_state"))
         if self.is_main:
-            model = self._unwrapped()
-            hf_sd = {k: v for k, v in state_dict.items() if "weight_fake_quant." not in k}
-            qat_sd = {k: v.contiguous() for k, v in state_dict.items() if "weight_fake_quant." in k}
-            model.save_pretrained(tmp, state_dict=hf_sd, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if self.qat_cfg is not None:
-                # qat_config.json is exactly QuantConfig.to_dict(): `python -m qat.export` reads it back.
-                (tmp / "qat_config.json").write_text(json.dumps(self.qat_cfg.to_dict(), indent=2))
-                if qat_sd:
-                    from safetensors.torch import save_file
-
-                    save_file(qat_sd, str(tmp / "qat_state.safetensors"))
+            # The QAT training-checkpoint format (qat/checkpoint.py): HF model dir, QAT config, observer state.
+            qat.write_qat_checkpoint(tmp, self._unwrapped(), self.qat_cfg, state_dict=state_dict,
+                                     tokenizer=self.tokenizer)
             (tmp / "trainer_state.json").write_text(json.dumps({
                 "step": step, "tokens_seen": self.tokens_seen, "epoch": self.epoch, "world_size": self.world_size,
                 "loss": self.last_loss, "fake_quant_enabled": self.qat_cfg is not None and fake_quant_on(step, self.cfg.qat_schedule.start_step), "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -688,17 +679,6 @@ def _num_loss_tokens(labels_BT: torch.Tensor) -> int:
 def _num_tokens(batch: dict) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
-def _split_heldout(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """A deterministic held-out split: the same records every run with the same seed."""
-    if not val_fraction or len(records) < 2:
-        return records, []
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(records), generator=g).tolist()
-    n_val = max(1, int(round(val_fraction * len(records))))
-    val_idx = set(order[:n_val])
-    return [r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)]
 
 
 def run(cfg: DictConfig) -> TrainRecipe:
