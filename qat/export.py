@@ -64,12 +64,9 @@ from .targets import match_targets
 
 log = logging.getLogger(__name__)
 
-# Re-exported for callers of their old home, until they move: load_qat_checkpoint (qat/checkpoint.py),
-# verify_export and ExportIntegrityError (qat/files.py).
-from .files import ExportIntegrityError, verify_export  # noqa: E402,F401
-
-__all__ = ["ExportIntegrityError", "ExportReport", "export_checkpoint_int4", "export_from_checkpoint", "export_int4",
-           "load_qat_checkpoint", "quantization_config_dict", "verify_export", "main"]
+# load_qat_checkpoint (qat/checkpoint.py) is re-exported for sandbox_env, which imports it from here until it moves.
+__all__ = ["ExportReport", "export_checkpoint_int4", "export_from_checkpoint", "export_int4", "load_qat_checkpoint",
+           "quantization_config_dict", "main"]
 
 
 def quantization_config_dict(cfg: QuantConfig, ignore: list[str]) -> dict[str, Any]:

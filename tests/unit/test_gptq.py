@@ -254,7 +254,7 @@ def _ptq_cfg(root, out, *overrides):
 def test_ptq_job_int4_export_and_int2_dense(dense_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qat.export import verify_export
+    from qat.files import verify_export
     from train.ptq import run
 
     root = dense_checkpoint
