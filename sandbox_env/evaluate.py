@@ -7,7 +7,10 @@ def _main() -> None:
     from omegaconf import OmegaConf
 
     from qat.jobs import job
+    from sandbox_env.config import register
     from sandbox_env.eval.evaluate import evaluate
+
+    register()
 
     @job("evaluate")
     def main(cfg) -> None:

@@ -40,9 +40,9 @@ _W: dict[str, Any] = {}  # per-process state, built once by _init_worker
 
 def _init_worker(cfg: dict[str, Any], index_path: str | None) -> None:
     from sandbox_env import SandboxConfig
-    from sandbox_env.tasks.corpus import Corpus, CorpusConfig
-    from sandbox_env.agent.teachers import build_policy
     from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv
+    from sandbox_env.agent.teachers import build_policy
+    from sandbox_env.tasks.corpus import Corpus, CorpusConfig
 
     specs = family_specs(cfg["tasks"])
     corpus = Corpus.generate(CorpusConfig(**cfg["corpus"])) if any(s["family"] == "retrieval" for s in specs) else None
@@ -111,7 +111,7 @@ def summarize(shard_rows: list[dict[str, Any]]) -> dict[str, Any]:
         finals = [r["attempts"][-1] for r in rows]
         n = len(rows)
         kept = sum(f["verdict"]["correct"] for f in finals)
-        mean = lambda k: round(sum(f["metadata"][k] for f in finals) / n, 3) if n else 0.0  # noqa: E731
+        mean = lambda k: round(sum(f["metadata"][k] for f in finals) / n, 3) if n else 0.0  # noqa: E731, B023 - used in this iteration only
         out[key] = {
             "tasks": n, "kept": kept, "success_rate": round(kept / n, 4) if n else 0.0,
             "attempts": sum(len(r["attempts"]) for r in rows),
@@ -248,6 +248,9 @@ def _main() -> None:
     from omegaconf import OmegaConf
 
     from qat.jobs import job
+    from sandbox_env.config import register
+
+    register()
 
     @job("generate")
     def main(cfg) -> None:

@@ -6,9 +6,3 @@ from sandbox_env.sandbox.session import RunResult, Sandbox, SandboxConfig
 from sandbox_env.sandbox.tools import ToolBox, ToolResult
 
 __all__ = ["RunResult", "Sandbox", "SandboxConfig", "SearchIndex", "ToolBox", "ToolResult"]
-
-from qat.jobs import register_schema
-
-# conf/sandbox/*.yaml compose onto SandboxConfig (sandbox/sandbox_schema): a misspelled key or a
-# wrong type fails when generate / evaluate compose their config, not when the sandbox starts.
-register_schema("sandbox", SandboxConfig, group="sandbox")

@@ -37,9 +37,11 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
 
 def _compose(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from qat.jobs import VERSION_BASE
-    from omegaconf import OmegaConf
+
+    import sandbox_env.config  # noqa: F401  registers the job schemas
 
     with initialize_config_dir(version_base=VERSION_BASE, config_dir=str(ROOT / "conf")):
         return OmegaConf.to_container(compose("evaluate", overrides=overrides), resolve=True)
@@ -134,11 +136,11 @@ def test_a_model_that_solves_its_task_scores_and_needs_its_tools(tmp_path):
     """A tiny model trained for a few seconds on the scripted solution of one held-out task: the job
     scores it 1/1 with tools and 0/1 with tools disabled (it cannot multiply 60-digit numbers itself)."""
     from data.render import get_renderer
-    from sandbox_env.eval.evaluate import evaluate
-    from tests.fixtures import tiny_model_and_tokenizer
-    from sandbox_env.agent.teachers import ScriptedTeacher
     from sandbox_env.agent.rollout import ToolEnv, run_episode
+    from sandbox_env.agent.teachers import ScriptedTeacher
+    from sandbox_env.eval.evaluate import evaluate
     from sandbox_env.tasks import get_family
+    from tests.fixtures import tiny_model_and_tokenizer
 
     torch.set_num_threads(1)
     fam = get_family("arith")

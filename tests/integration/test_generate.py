@@ -12,8 +12,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qat.jobs import VERSION_BASE
 from data.schema import read_trajectories
+from qat.jobs import VERSION_BASE
+import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
 from sandbox_env.generate import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +102,7 @@ def test_rejection_sampling_with_an_openai_compatible_server(tmp_path):
     asked: dict[str, int] = {}
 
     class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             prompt = next(m["content"] for m in body["messages"] if m["role"] == "user")
             asked[prompt] = asked.get(prompt, 0) + 1

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-import sandbox_env  # noqa: F401  registers sandbox/sandbox_schema (conf/sandbox)
+import sandbox_env.config  # noqa: F401  registers generate/evaluate/serve_schema and sandbox/sandbox_schema
 import train  # noqa: F401  registers train_schema
 import train.ptq  # noqa: F401  registers ptq_schema
 import train.upcycle  # noqa: F401  registers upcycle_schema

@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from qat.jobs import compose
+import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
 from sandbox_env import SandboxConfig
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")

@@ -10,12 +10,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qat.jobs import VERSION_BASE
+import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
 from sandbox_env import SandboxConfig
-from sandbox_env.tasks.corpus import Corpus, CorpusConfig
-from sandbox_env.generate import format_table, summarize
-from sandbox_env.tasks.suite import build_families, family_specs, work_items
-from sandbox_env.agent.teachers import build_policy
 from sandbox_env.agent.rollout import Budgets
+from sandbox_env.agent.teachers import build_policy
+from sandbox_env.generate import format_table, summarize
+from sandbox_env.tasks.corpus import Corpus, CorpusConfig
+from sandbox_env.tasks.suite import build_families, family_specs, work_items
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TASKS = sorted(p.stem for p in (CONF / "tasks").glob("*.yaml"))
