@@ -8,13 +8,13 @@ evaluation, serving and the pipeline take a path and never a flag that could dis
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qat.checkpoint import checkpoint_kind  # the one detector of checkpoint kinds (evaluate imports it from here)
 from qat.config import DTYPES
 
 
@@ -26,23 +26,6 @@ class LoadedModel:
     tokenizer: Any
     kind: str  # "hf" (BF16/FP32 HF dir), "fake_quant" (QAT training checkpoint), "int4" (compressed-tensors)
     path: str
-
-
-def checkpoint_kind(path: str | Path) -> str:
-    """What a checkpoint directory holds, from the files present: "int4" when config.json has a
-    compressed-tensors quantization_config, "fake_quant" when a qat_config.json sits beside the
-    weights (a training checkpoint), "hf" otherwise."""
-    p = Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"checkpoint path={str(p)!r} has no config.json; point it at a Hugging Face model dir, "
-                         "a training checkpoint (runs/.../step_000100) or an INT4 export dir")
-    qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") == "compressed-tensors":
-        return "int4"
-    if (p / "qat_config.json").is_file():
-        return "fake_quant"
-    return "hf"
 
 
 def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = None, device: str = "cpu",
@@ -77,7 +60,7 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
         model = load_int4(str(p), dtype=torch_dtype, device=device)
     else:
         if kind == "fake_quant":
-            from qat.export import load_qat_checkpoint
+            from qat.checkpoint import load_qat_checkpoint
 
             model = load_qat_checkpoint(p, dtype=torch_dtype or "auto").to(device)
         else:
