@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from data.messages import AssistantStep, ToolCall, parse_arguments
 

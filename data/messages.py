@@ -35,7 +35,7 @@ class ToolCall:
         return {"id": self.id or default_id, "type": "function", "function": {"name": self.name, "arguments": args}}
 
     @classmethod
-    def from_openai(cls, call: dict[str, Any]) -> "ToolCall":
+    def from_openai(cls, call: dict[str, Any]) -> ToolCall:
         fn = call.get("function") or {}
         args = fn.get("arguments")
         return cls(name=fn.get("name") or "", arguments=args if args is not None else "", id=call.get("id"))

@@ -9,7 +9,6 @@ probe alike are taken as the same format), and the tests build their corpora fro
 
 from __future__ import annotations
 
-
 PYTHON_TOOL = {"type": "function", "function": {
     "name": "python", "description": "Run Python code in a sandbox; returns stdout.",
     "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}

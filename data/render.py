@@ -34,9 +34,10 @@ one dropped. A step that cannot fit with its required context is dropped and cou
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class SplitStats:
     label_tokens: int = 0     # loss tokens emitted
     tokens: int = 0           # tokens emitted
 
-    def add(self, other: "SplitStats") -> None:
+    def add(self, other: SplitStats) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 

@@ -13,7 +13,7 @@ renderer compute loss masks from token ids alone.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from data.chat_format import IM_END, PAD, SPECIAL_RE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, render_text
 

@@ -12,8 +12,19 @@ from typing import Any
 
 import torch
 
-from data.probes import (OPEN_TOOL, PYTHON_TOOL, SEARCH_TOOL, SYSTEM, multi_turn_record, no_tool_record,  # noqa: F401
-                         parallel_calls_record, probe_records, python_record, search_open_record, tool_call)
+from data.probes import (  # noqa: F401
+    OPEN_TOOL,
+    PYTHON_TOOL,
+    SEARCH_TOOL,
+    SYSTEM,
+    multi_turn_record,
+    no_tool_record,
+    parallel_calls_record,
+    probe_records,
+    python_record,
+    search_open_record,
+    tool_call,
+)
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:

@@ -19,8 +19,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sandbox_env.agent.types import EpisodeState, Policy
 from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv, run_episode
+from sandbox_env.agent.types import EpisodeState, Policy
 from sandbox_env.tasks import extract_answer, normalize, parse_number
 
 MODES = ("vote", "reflect")

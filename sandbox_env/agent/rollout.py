@@ -35,9 +35,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy
 

@@ -121,8 +121,8 @@ def build_tasks(cfg: dict[str, Any], cache_dir: Path) -> tuple[list[tuple[str, A
 
 def steps_needed(tasks, env, budgets) -> dict[str, int]:
     """Steps the scripted teacher (no mistakes) takes on each task: the x axis of 'success by steps needed'."""
-    from sandbox_env.agent.teachers import ScriptedTeacher
     from sandbox_env.agent.rollout import run_episode
+    from sandbox_env.agent.teachers import ScriptedTeacher
 
     teacher = ScriptedTeacher(mistake_rate=0.0)
     return {task.id: run_episode(task, teacher, env, budgets, family=fam)["metadata"]["steps"] for _, fam, task in tasks}
@@ -132,9 +132,9 @@ def run_model(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any], 
               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All tasks with one model, `engine.concurrency` episodes at a time. -> (records, speed stats)."""
     from data.render import get_renderer
+    from sandbox_env.agent.rollout import TokenCounter, run_episode
     from sandbox_env.inference.engine import InferenceEngine, SamplingConfig
     from sandbox_env.inference.policy import LocalModelPolicy
-    from sandbox_env.agent.rollout import TokenCounter, run_episode
 
     e = cfg["engine"]
     engine = InferenceEngine(loaded.model, get_renderer(loaded.tokenizer), max_batch_size=e["max_batch_size"])
@@ -211,9 +211,9 @@ def run_sampled(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any]
 def run_heavy_suite(name: str, loaded: Any, tasks, env, budgets, cfg: dict[str, Any]) -> dict[str, Any]:
     from data.render import get_renderer
     from sandbox_env.agent.heavy import run_heavy
+    from sandbox_env.agent.rollout import TokenCounter
     from sandbox_env.inference.engine import InferenceEngine, SamplingConfig
     from sandbox_env.inference.policy import LocalModelPolicy
-    from sandbox_env.agent.rollout import TokenCounter
 
     h = cfg["heavy"]
     engine = InferenceEngine(loaded.model, get_renderer(loaded.tokenizer), max_batch_size=cfg["engine"]["max_batch_size"])
@@ -249,13 +249,13 @@ def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     """The whole job for a plain-dict config (the Hydra config, resolved). -> report dict."""
     from data.schema import read_trajectories, write_jsonl
     from sandbox_env import SandboxConfig
-    from sandbox_env.inference.loading import checkpoint_bytes
+    from sandbox_env.agent.rollout import Budgets, ToolEnv
     from sandbox_env.eval.metrics import (
         group_by_family,
         summarize_episodes,
         teacher_forced_divergence,
     )
-    from sandbox_env.agent.rollout import Budgets, ToolEnv
+    from sandbox_env.inference.loading import checkpoint_bytes
 
     cks = _checkpoints(cfg)
     ref_name = cfg.get("reference") or cks[0]["name"]

@@ -34,7 +34,6 @@ import marshal
 import os
 import resource
 import sys
-
 from _json import encode_basestring_ascii as _json_str
 
 
@@ -187,7 +186,7 @@ class _Capture:
         for stream in (sys.stdout, sys.stderr, self.stdout, self.stderr):
             try:
                 stream.flush()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a stream the code broke: nothing left to flush to
                 pass
         self.restore_streams()
         _write_all(self._sentinel_fd, self._sentinel)
@@ -270,13 +269,13 @@ class _Kernel:
             error = (f"TimeoutError: the code ran longer than timeout_s={timeout:g} and was interrupted; "
                      "the interpreter state is kept")
             sys.stderr.write(f"\n{error}\n")
-        except BaseException as e:  # user code may raise anything, SystemExit included
+        except BaseException as e:  # noqa: BLE001 - user code may raise anything, SystemExit included
             _signal.setitimer(_signal.ITIMER_REAL, 0)
             self._register_sources()
             error = _exception_line(e)
             try:
                 sys.stderr.write(_user_traceback(e))
-            except Exception:  # the code may have broken sys.stderr itself
+            except Exception:  # noqa: BLE001 - the code may have broken sys.stderr itself
                 pass
         finally:
             _signal.setitimer(_signal.ITIMER_REAL, 0)
@@ -286,7 +285,7 @@ class _Kernel:
                 for stream in (sys.stdout, sys.stderr):
                     try:
                         stream.flush()
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - a stream the code broke: nothing left to flush to
                         pass
                 os._exit(0)
         return error is None, error, timed_out
@@ -375,7 +374,7 @@ def main():
                 ok, error, timed_out = kernel.run_python(req["code"], req["timeout"])
             else:
                 ok, error, timed_out, exit_code = kernel.run_shell(req["code"], req["timeout"], cfg["workdir"])
-        except BaseException as e:  # e.g. a second CellTimeout landing in our own code
+        except BaseException as e:  # noqa: BLE001 - e.g. a second CellTimeout landing in our own code
             ok, error, timed_out = False, f"{type(e).__name__} in the sandbox worker: {e}", isinstance(e, CellTimeout)
             _signal.setitimer(_signal.ITIMER_REAL, 0)
         output, total, truncated = capture.finish()

@@ -18,7 +18,7 @@ import os
 import re
 import sqlite3
 import threading
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 # Title matches weigh more than body matches: a document *about* the term beats one that
 # merely mentions it. Passed to bm25() in column order (title, text).
@@ -55,7 +55,7 @@ class SearchIndex:
             raise ValueError(f"{self.db_path!r} is not a search index built by SearchIndex.build ({e})") from None
 
     @classmethod
-    def build(cls, db_path: str | os.PathLike, docs: Iterable[dict]) -> "SearchIndex":
+    def build(cls, db_path: str | os.PathLike, docs: Iterable[dict]) -> SearchIndex:
         """Writes a new index of `docs` ({"id", "title", "text"}, ids unique) to db_path, atomically."""
         db_path = os.fspath(db_path)
         tmp = f"{db_path}.tmp-{os.getpid()}"
@@ -122,7 +122,7 @@ class SearchIndex:
         # FTS5's bm25() is negated (lower = better) so it sorts ascending; flip it for callers.
         return [{"id": i, "title": t, "snippet": s, "score": -r} for i, t, s, r in rows]
 
-    def get(self, doc_id: str) -> Optional[dict]:
+    def get(self, doc_id: str) -> dict | None:
         with self._lock:
             row = self._conn.execute("SELECT id, title, text FROM docs WHERE id = ?", (doc_id,)).fetchone()
         return None if row is None else {"id": row[0], "title": row[1], "text": row[2]}

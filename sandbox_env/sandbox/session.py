@@ -60,7 +60,6 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ class SandboxConfig:
     """Size of each private tmpfs in the sandbox (/tmp and the home dir), in MiB."""
     isolation: str = "bwrap"
     """'bwrap' (default) or 'none': no isolation at all, for trusted code only (warns loudly)."""
-    python: Optional[str] = None
+    python: str | None = None
     """Interpreter run in the sandbox; None = the one running this process (its venv is visible
     read-only, so its packages are importable)."""
     kill_grace_s: float = 1.0
@@ -120,7 +119,7 @@ class SandboxConfig:
         def positive(name, kind):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-                raise ValueError(f"SandboxConfig.{name} must be a positive {'number' if kind != int else 'integer'}, "
+                raise ValueError(f"SandboxConfig.{name} must be a positive {'number' if kind is not int else 'integer'}, "
                                  f"got {value!r}; set e.g. sandbox.{name}={getattr(SandboxConfig, name)}")
 
         for name in ("timeout_s", "kill_grace_s", "start_timeout_s"):
@@ -150,10 +149,10 @@ class RunResult:
     ok: bool
     """True when the code ran to the end without an exception (shell: exit status 0)."""
     timed_out: bool = False
-    error: Optional[str] = None
+    error: str | None = None
     """Why the call failed (the exception line, the exit status, a timeout, a dead worker); None when ok."""
     truncated: bool = False
-    exit_code: Optional[int] = None
+    exit_code: int | None = None
     """Shell calls: the command's exit status (negative: killed by that signal)."""
     state_lost: bool = False
     """True when the interpreter had to be restarted, so earlier variables and imports are gone."""
@@ -295,7 +294,7 @@ def _clean_env(python: str, home: str) -> dict[str, str]:
             **_SINGLE_THREADED}
 
 
-def _describe_death(returncode: Optional[int], cfg: SandboxConfig, bwrap: bool) -> str:
+def _describe_death(returncode: int | None, cfg: SandboxConfig, bwrap: bool) -> str:
     sig = None
     if returncode is not None and returncode < 0:
         sig = -returncode
@@ -324,7 +323,7 @@ class Sandbox:
     never following links the sandboxed code may have planted.
     """
 
-    def __init__(self, config: Optional[SandboxConfig] = None, **overrides):
+    def __init__(self, config: SandboxConfig | None = None, **overrides):
         if config is None:
             config = SandboxConfig(**overrides)
         elif overrides:
@@ -333,7 +332,7 @@ class Sandbox:
             raise TypeError(f"Sandbox(config) takes a SandboxConfig, got {type(config).__name__}")
         self.config = config
         self.python = config.python or sys.executable
-        self._bwrap: Optional[str] = None
+        self._bwrap: str | None = None
         if config.isolation == "bwrap":
             self._bwrap = shutil.which("bwrap")
             if self._bwrap is None:
@@ -344,9 +343,9 @@ class Sandbox:
             logger.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         self._root_mode = _is_root_mode() and self._bwrap is not None
-        self.workdir: Optional[str] = None
+        self.workdir: str | None = None
         self.worker_starts = 0
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: subprocess.Popen | None = None
         self._req_w = self._resp_r = -1
         # What must be released even if the session is never closed: the garbage collector or
         # interpreter exit runs _cleanup on it. _stop_worker/close empty it as they release.
@@ -357,14 +356,14 @@ class Sandbox:
         self._lock = threading.Lock()  # one call at a time: the protocol is strictly request/response
 
     # -- session lifetime -------------------------------------------------------------------
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         self.open()
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def open(self) -> "Sandbox":
+    def open(self) -> Sandbox:
         """Creates the work dir (the worker itself starts on the first call). Idempotent."""
         if self._closed:
             raise RuntimeError("this Sandbox session is closed; start a new Sandbox for a new episode")
@@ -390,19 +389,19 @@ class Sandbox:
         return WORKDIR_IN_SANDBOX if self._bwrap else (self.workdir or "")
 
     # -- calls ------------------------------------------------------------------------------
-    def run_python(self, code: str, timeout_s: Optional[float] = None) -> RunResult:
+    def run_python(self, code: str, timeout_s: float | None = None) -> RunResult:
         """Runs code in the session's persistent interpreter; a trailing expression is shown."""
         return self._call("python", code, timeout_s)
 
-    def run_shell(self, command: str, timeout_s: Optional[float] = None) -> RunResult:
+    def run_shell(self, command: str, timeout_s: float | None = None) -> RunResult:
         """Runs `/bin/sh -c command` in the work dir, inside the same sandbox."""
         return self._call("shell", command, timeout_s)
 
-    def _call(self, op: str, code: str, timeout_s: Optional[float]) -> RunResult:
+    def _call(self, op: str, code: str, timeout_s: float | None) -> RunResult:
         with self._lock:
             return self._call_locked(op, code, timeout_s)
 
-    def _call_locked(self, op: str, code: str, timeout_s: Optional[float]) -> RunResult:
+    def _call_locked(self, op: str, code: str, timeout_s: float | None) -> RunResult:
         if not isinstance(code, str):
             raise TypeError(f"run_{op} takes the code as str, got {type(code).__name__}")
         timeout = float(timeout_s if timeout_s is not None else self.config.timeout_s)
@@ -592,7 +591,7 @@ class Sandbox:
             raise RuntimeError(f"the sandbox failed to start ({'timed out' if ready == 'timeout' else 'exited'}, "
                                f"status {returncode}): {err or '(no message)'} {hint}".strip())
 
-    def _stop_worker(self, keep_stderr: bool = False) -> Optional[int]:
+    def _stop_worker(self, keep_stderr: bool = False) -> int | None:
         proc = self._proc
         if proc is None:
             return None
@@ -632,7 +631,7 @@ class Sandbox:
             have_header = True
 
 
-def _read_pid1(info_r: int) -> Optional[int]:
+def _read_pid1(info_r: int) -> int | None:
     """A pidfd of the sandbox's PID 1, from bwrap's --info-fd JSON; None if unavailable."""
     data = b""
     try:
@@ -688,7 +687,7 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, onerror=onerror)
 
 
-def _kill_tree(proc: subprocess.Popen, pidfd: Optional[int], bwrap: bool) -> int:
+def _kill_tree(proc: subprocess.Popen, pidfd: int | None, bwrap: bool) -> int:
     """Kills a session's whole process tree and reaps it; returns the exit status of `proc`."""
     if pidfd is not None:
         # bwrap's PID 1, through a pidfd (no PID-reuse race). Linux kills every process of the

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 TOOL_NAMES = ("python", "shell", "search", "open")
 MAX_SEARCH_K = 20
@@ -107,7 +107,7 @@ class ToolResult:
 
     content: str
     ok: bool
-    error: Optional[str] = None
+    error: str | None = None
     """Short reason when ok is False (also contained in `content`, which the model sees)."""
 
 
@@ -154,7 +154,7 @@ class ToolBox:
             if isinstance(args, ToolResult):
                 return args
             return getattr(self, f"_tool_{name}")(**args)
-        except Exception as e:  # a tool must never crash the rollout loop
+        except Exception as e:  # noqa: BLE001 - a tool must never crash the rollout loop
             return _fail(f"Error: tool {name!r} failed internally ({type(e).__name__}: {e}).")
 
     # -- argument checking ----------------------------------------------------------------------
@@ -216,7 +216,7 @@ class ToolBox:
             content = content + ("" if not content or content.endswith("\n") else "\n") + f"[{r.error}]"
         return ToolResult(content=content if content else "(no output)", ok=r.ok, error=r.error)
 
-    def _tool_search(self, query: str, k: Optional[int] = None) -> ToolResult:
+    def _tool_search(self, query: str, k: int | None = None) -> ToolResult:
         if not query.strip():
             return _fail("Error: the search query is empty; give some keywords.", "empty query")
         hits = self.index.search(query, k=k or self.search_k)
@@ -241,5 +241,5 @@ class ToolBox:
                           ok=True)
 
 
-def _fail(message: str, error: Optional[str] = None) -> ToolResult:
+def _fail(message: str, error: str | None = None) -> ToolResult:
     return ToolResult(content=message, ok=False, error=error or message)

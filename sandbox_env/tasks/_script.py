@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 from sandbox_env.agent.types import AssistantStep, ToolCall
 

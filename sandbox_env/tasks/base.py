@@ -20,8 +20,9 @@ import json
 import math
 import random
 import re
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import Any
 
 SPLITS = ("train", "heldout")
 HELDOUT_FRACTION = 0.2  # of each family's parameter space; fixed so splits stay disjoint across runs

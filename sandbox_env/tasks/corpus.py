@@ -112,7 +112,7 @@ class Corpus:
         self.docs = [self._doc(e) for e in entities.values()]
 
     @classmethod
-    def generate(cls, config: CorpusConfig | None = None) -> "Corpus":
+    def generate(cls, config: CorpusConfig | None = None) -> Corpus:
         cfg = config or CorpusConfig()
         rng = random.Random(f"corpus|{cfg.seed}")
         used: set[str] = set()

@@ -76,13 +76,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from data.render import get_renderer
-    from tests.fixtures import tiny_tokenizer
     from qat import QuantConfig, prepare
     from qat.export import export_int4
     from qat.load import load_int4
-    from sandbox_env.inference.engine import InferenceEngine, KVCache, Request
     from sandbox_env.agent.rollout import Budgets, ToolEnv
+    from sandbox_env.inference.engine import InferenceEngine, KVCache, Request
     from sandbox_env.tasks import get_family
+    from tests.fixtures import tiny_tokenizer
     from train.models import build_model, load_preset
 
     tok = tiny_tokenizer(vocab_size=1024)

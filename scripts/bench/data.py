@@ -21,12 +21,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import torch  # noqa: E402
+import torch
 
-from data.pipeline import build_dataloader  # noqa: E402
-from data.render import get_renderer  # noqa: E402
-from tests.fixtures import long_record, make_records  # noqa: E402
-from data.tokenizer import train_tokenizer  # noqa: E402
+from data.pipeline import build_dataloader
+from data.render import get_renderer
+from data.tokenizer import train_tokenizer
+from tests.fixtures import long_record, make_records
 
 
 def best(fn, repeats):

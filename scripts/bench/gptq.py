@@ -56,9 +56,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qat import QuantConfig, numerics  # noqa: E402
-from qat.fake_quant import quantizers_for  # noqa: E402
-from qat.gptq import GPTQConfig, GPTQResult, _quantize_module  # noqa: E402
+from qat import QuantConfig, numerics
+from qat.fake_quant import quantizers_for
+from qat.gptq import GPTQConfig, GPTQResult, _quantize_module
 
 
 def build_block(num_experts: int):

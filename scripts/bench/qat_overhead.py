@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qat import QuantConfig, prepare, set_fake_quant  # noqa: E402
-from qat.fake_quant import ExpertWeightFakeQuant  # noqa: E402
-from train.models import build_model, load_preset  # noqa: E402
+from qat import QuantConfig, prepare, set_fake_quant
+from qat.fake_quant import ExpertWeightFakeQuant
+from train.models import build_model, load_preset
 
 
 def timeit(fn, repeats: int, warmup: int = 1) -> float:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from sandbox_env import Sandbox, SandboxConfig  # noqa: E402
+from sandbox_env import Sandbox, SandboxConfig
 
 BWRAP = SandboxConfig()
 NONE = SandboxConfig(isolation="none")

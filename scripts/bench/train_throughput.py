@@ -39,7 +39,6 @@ def worker_ours(a) -> dict:
     from hydra import compose, initialize_config_dir
 
     from qat.jobs import VERSION_BASE
-
     from train.recipe import run
 
     overrides = [f"model={a.preset}", f"data.path={a.data}", f"output_dir={a.out}", f"data.seq_len={a.seq_len}",
@@ -57,6 +56,7 @@ def worker_ours(a) -> dict:
 
 def worker_trl(a) -> dict:
     import torch
+    from accelerate.utils import set_seed
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -65,7 +65,6 @@ def worker_trl(a) -> dict:
     from data.schema import read_trajectories
     from data.tokenizer import load_tokenizer
     from train.models import build_model, load_preset
-    from accelerate.utils import set_seed
 
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(Path(a.ours_out) / "tokenizer")  # the tokenizer our run trained: same vocab

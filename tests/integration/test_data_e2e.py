@@ -11,8 +11,8 @@ import torch
 from data.pipeline import build_dataloader
 from data.render import IGNORE_INDEX
 from data.schema import write_trajectories
-from tests.fixtures import long_record, make_records
 from data.tokenizer import load_tokenizer, train_tokenizer
+from tests.fixtures import long_record, make_records
 
 ROOT = Path(__file__).parents[2]
 

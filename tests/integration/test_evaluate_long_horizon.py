@@ -11,10 +11,6 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.inference.engine import InferenceEngine
-from sandbox_env.inference.policy import LocalModelPolicy
-from tests.fixtures import tiny_model_and_tokenizer
-from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
 from sandbox_env.agent.rollout import (
     HIDDEN_PLACEHOLDER,
     Budgets,
@@ -22,7 +18,11 @@ from sandbox_env.agent.rollout import (
     ToolEnv,
     run_episode,
 )
+from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
+from sandbox_env.inference.engine import InferenceEngine
+from sandbox_env.inference.policy import LocalModelPolicy
 from sandbox_env.tasks import get_family
+from tests.fixtures import tiny_model_and_tokenizer
 from train.models import set_experts_implementation
 
 pytestmark = pytest.mark.integration

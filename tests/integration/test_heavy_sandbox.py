@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sandbox_env.agent.heavy import answer_key, majority_vote, run_heavy
-from sandbox_env.agent.types import AssistantStep, EpisodeState
 from sandbox_env.agent.rollout import Budgets, ToolEnv
+from sandbox_env.agent.types import AssistantStep, EpisodeState
 from sandbox_env.tasks import get_family
 
 torch.set_num_threads(1)

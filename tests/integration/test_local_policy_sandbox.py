@@ -11,20 +11,19 @@ against recomputing the whole sequence from scratch.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.inference.engine import InferenceEngine, Request, SamplingConfig
-from sandbox_env.inference.policy import LocalModelPolicy
-from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
 from sandbox_env.agent.rollout import (
     Budgets,
     TokenCounter,
     ToolEnv,
     run_episode,
 )
+from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
+from sandbox_env.inference.engine import InferenceEngine, Request, SamplingConfig
+from sandbox_env.inference.policy import LocalModelPolicy
 from sandbox_env.tasks import get_family
 
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (contention)

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from data.schema import validate_record
-from sandbox_env.agent.types import AssistantStep, ToolCall
 from sandbox_env.agent.rollout import (
     HIDDEN_PLACEHOLDER,
     Budgets,
@@ -17,6 +16,7 @@ from sandbox_env.agent.rollout import (
     ToolEnv,
     run_episode,
 )
+from sandbox_env.agent.types import AssistantStep, ToolCall
 from sandbox_env.tasks import get_family
 
 ENV = ToolEnv(tools=("python", "shell"))
@@ -45,8 +45,9 @@ def final(value: str, thinking: str = "done") -> AssistantStep:
     return AssistantStep(thinking, f"Answer: {value}")
 
 
-def generated(rec, counter=TokenCounter()) -> int:
+def generated(rec, counter=None) -> int:
     """Tokens the policy generated in a record, counted independently of the loop."""
+    counter = TokenCounter() if counter is None else counter
     n = 0
     for m in rec["messages"]:
         if m["role"] == "assistant":

@@ -7,10 +7,11 @@ Sessions that survive an attack are checked to still work afterwards.
 
 import json
 import os
+import pathlib
+import re
 import shutil
 import socket
 import subprocess
-import pathlib
 import sys
 import tempfile
 import textwrap
@@ -419,7 +420,9 @@ def test_unprivileged_user_mode():
                            env={"PATH": "/usr/bin:/bin"}, cwd=tmp)
     finally:
         shutil.rmtree(tmp)
-    if p.returncode != 0 and "No module named" in p.stderr:
+    # A third-party module the system python lacks is the machine's limit; one of ours missing is a bug.
+    missing = re.search(r"No module named '([\w.]+)'", p.stderr)
+    if p.returncode != 0 and missing and missing.group(1).split(".")[0] not in ("sandbox_env", "data", "qat", "train"):
         pytest.skip(f"the system python lacks a module the package needs: {p.stderr[-200:]}")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.splitlines()[-1])

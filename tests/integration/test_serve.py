@@ -35,12 +35,12 @@ def _train_on(model, renderer, record, max_steps=400):
 @pytest.fixture(scope="module")
 def served():
     from data.render import get_renderer
-    from sandbox_env.inference.loading import LoadedModel
-    from tests.fixtures import tiny_model_and_tokenizer
-    from sandbox_env.agent.teachers import ScriptedTeacher
     from sandbox_env.agent.rollout import ToolEnv, run_episode
+    from sandbox_env.agent.teachers import ScriptedTeacher
+    from sandbox_env.inference.loading import LoadedModel
     from sandbox_env.inference.server import ChatService, make_server
     from sandbox_env.tasks import get_family
+    from tests.fixtures import tiny_model_and_tokenizer
 
     torch.set_num_threads(1)
     fam = get_family("arith")
@@ -90,8 +90,8 @@ def test_openai_client_gets_tool_calls(served):
 
 
 def test_openai_teacher_runs_an_episode_against_the_server(served):
-    from sandbox_env.agent.teachers import OpenAITeacher
     from sandbox_env.agent.rollout import run_episode
+    from sandbox_env.agent.teachers import OpenAITeacher
 
     teacher = OpenAITeacher(base_url=served["url"], model="tiny-agent", temperature=0.0, send_reasoning=True,
                             max_retries=0, timeout_s=120)

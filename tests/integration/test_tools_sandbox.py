@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from sandbox_env import SearchIndex, Sandbox, SandboxConfig, ToolBox, ToolResult
+from sandbox_env import Sandbox, SandboxConfig, SearchIndex, ToolBox, ToolResult
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="bubblewrap (bwrap) is not installed: apt-get install bubblewrap")

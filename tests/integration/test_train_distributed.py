@@ -24,7 +24,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qat.jobs import VERSION_BASE
 from data.schema import write_jsonl
+from qat.jobs import VERSION_BASE
 from tests.fixtures import make_records
 from train.models import list_presets
 from train.recipe import run

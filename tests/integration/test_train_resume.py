@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +67,9 @@ def test_stop_and_resume_is_bit_identical(traj, uninterrupted, tmp_path):
     assert "resumed from" in log and "step_000005" in log
     _assert_identical(_weights(uninterrupted / "checkpoints" / "step_000008"), _weights(tmp_path / "checkpoints" / "step_000008"))
     # The metrics log of the resumed run reads like the uninterrupted one, step for step.
-    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    def rows(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
     a, b = rows(uninterrupted), rows(tmp_path)
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]

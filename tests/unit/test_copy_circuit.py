@@ -12,12 +12,13 @@ from train.copy_circuit import CopyCircuit, install_copy_circuit, positional_wei
 from train.models import build_model, load_preset
 
 V = 600
+DEFAULT_CIRCUIT: dict = {}  # the circuit with its default settings
 
 
-def _tiny(circuit: dict | None = {}, **config):
+def _tiny(circuit: dict | None = DEFAULT_CIRCUIT, **config):
     torch.manual_seed(0)
     preset = load_preset("tiny_qwen3_moe", vocab_size=V, **config)
-    preset["copy_circuit"] = circuit
+    preset["copy_circuit"] = {} if circuit is DEFAULT_CIRCUIT else circuit  # a fresh dict: the default is shared
     return build_model(preset).eval()
 
 

@@ -19,8 +19,7 @@ def _script():
 
 def test_copy_nll_reports_digits_near_chance_for_an_untrained_model(tmp_path, capsys):
     from data.schema import write_trajectories
-    from tests.fixtures import make_records
-    from tests.fixtures import tiny_model_and_tokenizer
+    from tests.fixtures import make_records, tiny_model_and_tokenizer
 
     torch.set_num_threads(1)
     model, tok = tiny_model_and_tokenizer(seed=0)

@@ -9,11 +9,23 @@ import copy
 
 import pytest
 
-from data.render import (IGNORE_INDEX, ChatTemplateRenderer, SplitStats, TinyRenderer, get_renderer,
-                         render_text, strip_generation_markers)
-from tests.fixtures import (probe_records, long_record, make_records, multi_turn_record, python_record,
-                          qwen3_style_tokenizer, tiny_tokenizer)
+from data.render import (
+    IGNORE_INDEX,
+    ChatTemplateRenderer,
+    SplitStats,
+    TinyRenderer,
+    get_renderer,
+    render_text,
+    strip_generation_markers,
+)
 from data.tokenizer import TINY_CHAT_TEMPLATE
+from tests.fixtures import (
+    long_record,
+    make_records,
+    multi_turn_record,
+    probe_records,
+    python_record,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +90,7 @@ def test_parity_every_step(renderer):
         docs = renderer.render_documents(rec)
         turns = [(u, s) for u, s in _turn_steps(msgs) if s]
         assert len(docs) == len(turns)
-        for doc, (u, steps) in zip(docs, turns):
+        for doc, (_u, steps) in zip(docs, turns):
             ids, labels = doc["input_ids"], doc["labels"]
             runs = _runs(labels)
             assert len(runs) == len(steps)

@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from data.schema import (TrajectoryError, read_jsonl, read_trajectories, validate_record, write_jsonl,
-                         write_trajectories)
-from tests.fixtures import probe_records, make_records, python_record
+from data.schema import TrajectoryError, read_jsonl, read_trajectories, validate_record, write_jsonl, write_trajectories
+from tests.fixtures import make_records, probe_records, python_record
 
 
 def test_fixtures_are_valid():

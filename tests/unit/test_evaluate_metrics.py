@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from tests.fixtures import make_records
 from sandbox_env.eval.evaluate import _checkpoints
-from tests.fixtures import tiny_model_and_tokenizer
 from sandbox_env.eval.metrics import summarize_episodes, teacher_forced_divergence, wilson_interval
 from sandbox_env.eval.report import family_rows, markdown_table
+from tests.fixtures import make_records, tiny_model_and_tokenizer
 
 torch.set_num_threads(1)
 
@@ -82,9 +81,9 @@ def test_checkpoint_list_errors_name_the_setting(tmp_path):
 def test_a_failing_episode_counts_as_a_failure_with_its_reason():
     """A checkpoint whose tokenizer does not fit its model (ids past the embedding) fails every episode;
     the evaluation goes on and scores them as failures with the error, never dropping them."""
+    from sandbox_env.agent.rollout import Budgets, ToolEnv
     from sandbox_env.eval.evaluate import run_model
     from sandbox_env.inference.loading import LoadedModel
-    from sandbox_env.agent.rollout import Budgets, ToolEnv
     from sandbox_env.tasks import get_family
     from train.models import build_model, load_preset
 

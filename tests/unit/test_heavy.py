@@ -3,16 +3,15 @@ reflect mode runs batched with a local model. (Episodes in sandboxes: tests/inte
 
 from __future__ import annotations
 
-
 import torch
 
 from data.render import get_renderer
 from sandbox_env.agent.heavy import answer_key, majority_vote, run_heavy
+from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv
 from sandbox_env.inference.engine import InferenceEngine, SamplingConfig
 from sandbox_env.inference.policy import LocalModelPolicy
-from tests.fixtures import tiny_model_and_tokenizer
-from sandbox_env.agent.rollout import Budgets, TokenCounter, ToolEnv
 from sandbox_env.tasks import get_family
+from tests.fixtures import tiny_model_and_tokenizer
 
 torch.set_num_threads(1)
 ENV = ToolEnv(tools=("python",))

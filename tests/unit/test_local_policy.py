@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from data.render import get_renderer
-from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, SamplingConfig
-from sandbox_env.inference.loading import checkpoint_kind, load_policy_model
-from tests.fixtures import tiny_model_and_tokenizer
-from sandbox_env.agent.types import AssistantStep, ToolCall
 from sandbox_env.agent.rollout import (
     HIDDEN_PLACEHOLDER,
     SYSTEM_PROMPT,
     ToolEnv,
 )
+from sandbox_env.agent.types import AssistantStep, ToolCall
+from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, SamplingConfig
+from sandbox_env.inference.loading import checkpoint_kind, load_policy_model
+from tests.fixtures import tiny_model_and_tokenizer
 
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (contention)
 

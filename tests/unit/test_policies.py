@@ -11,11 +11,11 @@ import threading
 import pytest
 
 from data.schema import validate_record
-from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
+from sandbox_env.agent.rollout import Budgets, ToolEnv, run_episode
 from sandbox_env.agent.teachers import OpenAITeacher, ScriptedTeacher, build_policy, to_openai_messages
 from sandbox_env.agent.types import AssistantStep, EpisodeState
-from sandbox_env.agent.rollout import Budgets, ToolEnv, run_episode
 from sandbox_env.tasks import family_names, get_family
+from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
 
 VARIANTS = [(n, {}) for n in family_names() if n != "retrieval"] + [("retrieval", {"hops": 1}), ("retrieval", {"hops": 3})]
 IDS = [f"{n}{kw.get('hops', '')}" for n, kw in VARIANTS]
@@ -89,7 +89,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def _handler(replies):
     class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             self.server.requests.append((self.path, body))
             reply = replies[min(len(self.server.requests) - 1, len(replies) - 1)]

@@ -10,7 +10,6 @@ import json
 import pytest
 
 from data.schema import validate_record
-from sandbox_env.agent.types import AssistantStep
 from sandbox_env.agent.rollout import (
     EMPTY_REPLY,
     HIDDEN_PLACEHOLDER,
@@ -21,6 +20,7 @@ from sandbox_env.agent.rollout import (
     manage_context,
     run_episode,
 )
+from sandbox_env.agent.types import AssistantStep
 from sandbox_env.tasks import get_family
 
 ENV = ToolEnv(tools=("python", "shell"))

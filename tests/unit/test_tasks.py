@@ -10,7 +10,6 @@ import re
 
 import pytest
 
-from sandbox_env.tasks.corpus import ATTRIBUTES, RELATIONS, Corpus, CorpusConfig
 from sandbox_env.tasks import (
     SPLITS,
     extract_answer,
@@ -21,6 +20,7 @@ from sandbox_env.tasks import (
     parse_number,
     split_bucket,
 )
+from sandbox_env.tasks.corpus import ATTRIBUTES, RELATIONS, Corpus, CorpusConfig
 
 CORPUS = Corpus.generate(CorpusConfig())
 
