@@ -64,9 +64,8 @@ from .targets import match_targets
 
 log = logging.getLogger(__name__)
 
-# load_qat_checkpoint (qat/checkpoint.py) is re-exported for sandbox_env, which imports it from here until it moves.
-__all__ = ["ExportReport", "export_checkpoint_int4", "export_from_checkpoint", "export_int4", "load_qat_checkpoint",
-           "quantization_config_dict", "main"]
+__all__ = ["ExportReport", "export_checkpoint_int4", "export_from_checkpoint", "export_int4", "quantization_config_dict",
+           "main"]
 
 
 def quantization_config_dict(cfg: QuantConfig, ignore: list[str]) -> dict[str, Any]:

@@ -290,7 +290,7 @@ def gptq_experts(model: nn.Module, targets: list, cfg: QuantConfig, calibration:
                 for h in handles:
                     h.remove()
             for m, cap in zip(here, captures):
-                _quantize_module(m, by_module[id(m)], torch.cat(cap.hidden), torch.cat(cap.index), cfg, gcfg, result)
+                quantize_experts(m, by_module[id(m)], torch.cat(cap.hidden), torch.cat(cap.index), cfg, gcfg, result)
             del captures
             # The next layer's input comes from this one with its experts quantized.
             hidden = [layer(hidden[b], *calls[b][li][0], **calls[b][li][1]) for b in range(len(batches))]
@@ -304,7 +304,7 @@ def gptq_experts(model: nn.Module, targets: list, cfg: QuantConfig, calibration:
     return result
 
 
-def _quantize_module(experts: nn.Module, targets: dict[str, Any], x_NH: torch.Tensor, index_NK: torch.Tensor,
+def quantize_experts(experts: nn.Module, targets: dict[str, Any], x_NH: torch.Tensor, index_NK: torch.Tensor,
                      cfg: QuantConfig, gcfg: GPTQConfig, result: GPTQResult) -> None:
     """GPTQ of one experts module's targets (first projection, then down), a chunk of experts at a time."""
     first, E = _first_attr(experts), getattr(experts, _first_attr(experts)).shape[0]

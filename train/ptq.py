@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+from qat.checkpoint import checkpoint_kind
 from qat.config import DTYPES
 from qat.gptq import GPTQConfig
 from qat.jobs import register_schema
@@ -81,9 +82,10 @@ def _validate(cfg: dict[str, Any]) -> None:
                          f"in memory: `ptq: rtn` entries of sandbox_env.evaluate, or python -m qat.export)")
     if not (Path(str(cfg["input"])) / "config.json").exists():
         raise ValueError(f"ptq: input={cfg['input']!r} has no config.json; point it at a dense HF checkpoint")
-    if (Path(str(cfg["input"])) / "qat_config.json").exists():
-        raise ValueError(f"ptq: input={cfg['input']!r} is a QAT checkpoint (qat_config.json); PTQ starts from the "
-                         f"BF16 model (a qat=none run), export QAT checkpoints with python -m qat.export")
+    kind = checkpoint_kind(str(cfg["input"]))
+    if kind != "hf":
+        raise ValueError(f"ptq: input={cfg['input']!r} is a {'QAT training' if kind == 'fake_quant' else kind} checkpoint; "
+                         f"PTQ starts from the BF16 model (a qat=none run); export QAT checkpoints with python -m qat.export")
     for key in ("num_samples", "seq_len", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"ptq: {key}={cfg[key]!r}; must be a positive integer")

@@ -6,7 +6,7 @@ activations: N tokens of hidden states with correlated channels and a few outlie
 real pre-MLP hidden states have (random low-rank structure + noise, 8 channels x10). The block's
 own router picks each token's experts. Measured, in one run:
 
-- time of the per-layer GPTQ work of qat/gptq.py (`_quantize_module`: per-expert Hessians of the
+- time of the per-layer GPTQ work of qat/gptq.py (`quantize_experts`: per-expert Hessians of the
   routed tokens, GPTQ of gate_up_proj, Hessians of act(gate) * up from the quantized gate/up, GPTQ
   of down_proj), and of RTN on the same tensors;
 - output error of each projection on its calibration inputs, summed over experts, relative to
@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qat import QuantConfig, numerics
 from qat.fake_quant import quantizers_for
-from qat.gptq import GPTQConfig, GPTQResult, _quantize_module
+from qat.gptq import GPTQConfig, GPTQResult, quantize_experts
 
 
 def build_block(num_experts: int):
@@ -150,7 +150,7 @@ def main() -> None:
     targets, _, _ = quantizers_for(block, cfg)
     result = GPTQResult()
     t = time.perf_counter()
-    _quantize_module(block.experts, {tg.attr: tg for tg in targets}, x, idx, cfg, gcfg, result)
+    quantize_experts(block.experts, {tg.attr: tg for tg in targets}, x, idx, cfg, gcfg, result)
     t_gptq = time.perf_counter() - t
 
     def gptq(attr, e):

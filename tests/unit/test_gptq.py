@@ -276,6 +276,10 @@ def test_ptq_job_int4_export_and_int2_dense(dense_checkpoint, tmp_path):
         run(_ptq_cfg(root, tmp_path / "int4"))
     with pytest.raises(ValueError, match="method='rtn'"):
         run(_ptq_cfg(root, tmp_path / "x", "method=rtn"))
+    not_dense = _ptq_cfg(root, tmp_path / "y")
+    not_dense.input = str(tmp_path / "int4")  # an INT4 export is no starting point for PTQ
+    with pytest.raises(ValueError, match="is a int4 checkpoint; PTQ starts from the BF16 model"):
+        run(not_dense)
 
 
 def test_qat_starts_from_the_gptq_solution(dense_checkpoint, tmp_path):
