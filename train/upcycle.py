@@ -109,7 +109,7 @@ def _gguf_architecture(path: Path) -> str:
         raise ValueError(f"reading {path} needs the `gguf` package: pip install gguf") from e
     try:
         reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not a GGUF we can read"
+    except Exception as e:
         raise ValueError(f"source={str(path)!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
     f = reader.fields.get("general.architecture")
     if f is None:
@@ -117,8 +117,27 @@ def _gguf_architecture(path: Path) -> str:
     return bytes(f.parts[f.data[0]]).decode()
 
 
-def resolve_source(source: str | None) -> tuple[Path, str | None]:
-    """(directory, gguf file name or None) of the dense model to upcycle."""
+@dataclass(frozen=True)
+class Source:
+    """The dense model to upcycle, resolved once: where it is, and what architecture it declares
+    (the HF config's model_type, or the GGUF's general.architecture)."""
+
+    directory: Path
+    gguf_file: str | None
+    architecture: str
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.gguf_file if self.gguf_file else self.directory
+
+    @property
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(source: str | None) -> Source:
+    """The dense model `source` names (None = the packaged SmolLM2 GGUF), checked to be one that
+    upcycling supports before anything heavy is loaded."""
     if source is None:
         path = packaged_gguf()
     else:
@@ -139,12 +158,12 @@ def resolve_source(source: str | None) -> tuple[Path, str | None]:
             if model_type not in SUPPORTED:
                 raise ValueError(f"source={str(path)!r} is a {model_type!r} model; upcycling supports dense "
                                  f"{', '.join(SUPPORTED)} architectures")
-            return path, None
+            return Source(path, None, model_type)
     arch = _gguf_architecture(path)
     if arch not in SUPPORTED:
         raise ValueError(f"source={str(path)!r} is a GGUF of architecture {arch!r}, not a dense causal LM that "
                          f"upcycling supports ({', '.join(SUPPORTED)})")
-    return path.parent, path.name
+    return Source(path.parent, path.name, arch)
 
 
 def sha256_of(path: Path) -> str:
@@ -157,24 +176,21 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_dense(directory: Path, gguf_file: str | None):
-    """The dense causal LM and its tokenizer, in float32. A GGUF-loaded model cannot be saved by
-    transformers ("quantized with gguf"); it is only read here, and the MoE built from it is plain."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_dense(src: Source):
+    """The dense causal LM, in float32. A GGUF-loaded model cannot be saved by transformers
+    ("quantized with gguf"); it is only read here, and the MoE built from it is plain."""
+    from transformers import AutoModelForCausalLM
 
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(src.directory), dtype=torch.float32, **src.from_pretrained_kwargs)
     model_type = model.config.model_type
     if model_type not in SUPPORTED:
-        raise ValueError(f"source {directory / (gguf_file or '')} loaded as {model_type!r}; upcycling supports "
-                         f"{', '.join(SUPPORTED)}")
+        raise ValueError(f"source {src.path} loaded as {model_type!r}; upcycling supports {', '.join(SUPPORTED)}")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(model.config, flag, False):
-            raise ValueError(f"source {directory}: {flag}=true, which a Mixtral decoder layer cannot hold")
+            raise ValueError(f"source {src.path}: {flag}=true, which a Mixtral decoder layer cannot hold")
     if getattr(model.config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"source {directory}: hidden_act={model.config.hidden_act!r}; Mixtral experts use silu")
-    return model.eval(), tokenizer
+        raise ValueError(f"source {src.path}: hidden_act={model.config.hidden_act!r}; Mixtral experts use silu")
+    return model.eval()
 
 
 # --- the MoE ----------------------------------------------------------------------------------------------------
@@ -279,13 +295,15 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = "qwen3"):
     return tokenizer
 
 
-def load_source_tokenizer(source: str | None = None, chat_template: str | None = "qwen3"):
-    """The tokenizer `python -m train.upcycle source=...` would ship, without building the model."""
+def source_tokenizer(src: Source | str | None = None, chat_template: str | None = "qwen3"):
+    """The tokenizer the upcycled model ships (`prepare_tokenizer` of the source's), without building
+    the model; `src` is a resolved Source or what `resolve_source` takes."""
     from transformers import AutoTokenizer
 
-    directory, gguf_file = resolve_source(source)
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(directory), **kw), chat_template)
+    if not isinstance(src, Source):
+        src = resolve_source(src)
+    tokenizer = AutoTokenizer.from_pretrained(str(src.directory), **src.from_pretrained_kwargs)
+    return prepare_tokenizer(tokenizer, chat_template)
 
 
 def count_params(config) -> tuple[int, int]:
@@ -314,14 +332,13 @@ def run(cfg: UpcycleConfig) -> Path:
         print(f"[upcycle] {out} exists (overwrite=true rebuilds it)")
         return out
     t0 = time.perf_counter()
-    directory, gguf_file = resolve_source(cfg.source)
-    src_path = directory / gguf_file if gguf_file else directory
-    print(f"[upcycle] reading {src_path}", flush=True)
-    dense, tokenizer = load_dense(directory, gguf_file)
+    src = resolve_source(cfg.source)
+    print(f"[upcycle] reading {src.path}", flush=True)
+    dense = load_dense(src)
+    tokenizer = source_tokenizer(src, cfg.chat_template)
     moe, mapping = upcycle(dense, cfg)
     gap = _probe_logit_gap(dense, moe, tokenizer)
     print(f"[upcycle] dense vs MoE max |logit difference| on a probe prompt: {gap:.2e}", flush=True)
-    prepare_tokenizer(tokenizer, cfg.chat_template)
     moe.config.pad_token_id = tokenizer.pad_token_id
     moe.generation_config.pad_token_id = tokenizer.pad_token_id
     del dense
@@ -333,9 +350,9 @@ def run(cfg: UpcycleConfig) -> Path:
     moe.to(getattr(torch, cfg.dtype)).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     meta = {
-        "source": str(src_path.resolve()), "source_sha256": sha256_of(src_path),
-        "source_architecture": "llama" if gguf_file is None else _gguf_architecture(src_path),
-        "license_note": "SmolLM2-135M-Instruct is Apache-2.0" if gguf_file == SMOLLM2_GGUF else None,
+        "source": str(src.path.resolve()), "source_sha256": sha256_of(src.path),
+        "source_architecture": src.architecture,
+        "license_note": "SmolLM2-135M-Instruct is Apache-2.0" if src.gguf_file == SMOLLM2_GGUF else None,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "extra")},
         "parameters_total": total, "parameters_active_per_token": active,
         "dense_vs_moe_max_logit_diff": gap, "seconds": round(time.perf_counter() - t0, 1),

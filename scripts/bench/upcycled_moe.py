@@ -38,7 +38,7 @@ def child(args) -> dict:
     if args.model == "dense":
         from train.upcycle import load_dense, resolve_source
 
-        model, _ = load_dense(*resolve_source(None))
+        model = load_dense(resolve_source(None))
     else:
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     vocab = model.config.vocab_size

