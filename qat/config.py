@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -109,7 +110,7 @@ class QuantConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -137,7 +138,7 @@ class ExportJobConfig:
     """Export dir; must be empty unless overwrite=true. Required."""
     overwrite: bool = False
     """true deletes what is in `output` first (the marker goes first)."""
-    dtype: Optional[str] = None
+    dtype: str | None = None
     """null = as saved; bfloat16 halves the dense part of the export."""
     max_shard_size: str = "5GB"
     """Smaller shards = lower peak memory while exporting."""

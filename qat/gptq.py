@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -328,7 +329,7 @@ def quantize_experts(experts: nn.Module, targets: dict[str, Any], x_NH: torch.Te
     for e0 in range(0, E, gcfg.experts_per_chunk):
         chunk = list(range(e0, min(E, e0 + gcfg.experts_per_chunk)))
         # The first projection sees the expert input; down sees act(gate) * up of the quantized first.
-        for attr, fn in ((first, None), ("down_proj", lambda e, x: expert_intermediate(experts, chunk[e], x))):
+        for attr, fn in ((first, None), ("down_proj", lambda e, x, chunk=chunk: expert_intermediate(experts, chunk[e], x))):
             if attr not in targets:
                 continue
             t = targets[attr]

@@ -177,7 +177,7 @@ class Int4Weight(nn.Module):
 
     @classmethod
     def from_codes(cls, codes_EOI: torch.Tensor, scale_EOG: torch.Tensor, group_size: int,
-                   backend: str = "auto") -> "Int4Weight":
+                   backend: str = "auto") -> Int4Weight:
         return cls(pack_int4(codes_EOI), scale_EOG, group_size, codes_EOI.shape[-1], backend)
 
     def extra_repr(self) -> str:

@@ -17,8 +17,9 @@ with Hydra's error naming the key. The YAML files carry only what differs from t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 VERSION_BASE = "1.3"
 """Hydra's version_base for every app and every compose() of the project."""

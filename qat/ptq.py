@@ -28,8 +28,8 @@ carries the scales, and `prepare_with_scales` puts them on the model as a "stati
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn

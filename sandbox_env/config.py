@@ -15,7 +15,7 @@ compose these configs import it. It imports hydra, so `sandbox_env/__init__` doe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from sandbox_env.agent.rollout import Budgets
 from sandbox_env.sandbox.session import SandboxConfig
@@ -28,8 +28,8 @@ TOOLS = ["python", "shell", "search", "open"]
 class TasksConfig:
     """conf/tasks/: tasks per split and the families (tag -> options; see sandbox_env.tasks.suite)."""
 
-    splits: Dict[str, int] = field(default_factory=dict)
-    families: Dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    families: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,18 +38,18 @@ class GenerateJobConfig:
 
     tasks: TasksConfig = field(default_factory=TasksConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-    policy: Dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
     """conf/policy/: `kind` (scripted | openai) and that teacher's options (checked by build_policy)"""
     out_dir: str = "outputs/trajectories"
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     seed: int = 0
     workers: int = 2
     attempts: int = 1
     keep_rejected: bool = True
     progress: bool = True
-    tools: List[str] = field(default_factory=lambda: list(TOOLS))
+    tools: list[str] = field(default_factory=lambda: list(TOOLS))
     compact_prompt: bool = False
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     budgets: Budgets = field(default_factory=lambda: Budgets(max_steps=64))
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -67,16 +67,16 @@ class SamplingSchema:
 class EngineConfig:
     max_batch_size: int = 16
     concurrency: int = 8
-    dtype: Optional[str] = None
+    dtype: str | None = None
     device: str = "cpu"
-    threads: Optional[int] = None
+    threads: int | None = None
 
 
 @dataclass
 class SampledConfig:
-    seeds: List[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
     temperature: float = 0.7
-    models: Optional[List[str]] = None
+    models: list[str] | None = None
 
 
 @dataclass
@@ -89,7 +89,7 @@ class HeavyConfig:
 @dataclass
 class KLConfig:
     enabled: bool = True
-    trajectories: Optional[str] = None
+    trajectories: str | None = None
     max_records: int = 32
     max_len: int = 2048
     per_layer: bool = True
@@ -102,15 +102,15 @@ class EvaluateJobConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     out_dir: str = "outputs/eval"
-    cache_dir: Optional[str] = None
-    checkpoints: List[Any] = field(default_factory=list)
+    cache_dir: str | None = None
+    checkpoints: list[Any] = field(default_factory=list)
     """[{name, path, dtype?, tokenizer?, ptq?, ptq_config?}]"""
-    paths: Dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, Any] = field(default_factory=dict)
     """named paths the checkpoints interpolate (`${paths.bf16}`), as conf/eval/standard.yaml does"""
-    reference: Optional[str] = None
+    reference: str | None = None
     seed: int = 0
     split: str = "heldout"
-    tools: List[str] = field(default_factory=lambda: list(TOOLS))
+    tools: list[str] = field(default_factory=lambda: list(TOOLS))
     compact_prompt: bool = False
     tools_disabled: Any = False
     """false, true, or a list of checkpoint names"""
@@ -131,15 +131,15 @@ class ServeJobConfig:
     """`python -m sandbox_env.serve`: one checkpoint as an OpenAI-compatible server."""
 
     checkpoint: str = "???"
-    name: Optional[str] = None
+    name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: Optional[str] = None
+    dtype: str | None = None
     device: str = "cpu"
-    threads: Optional[int] = None
+    threads: int | None = None
     max_batch_size: int = 8
     max_tokens: int = 1024
-    max_thinking_tokens: Optional[int] = None
+    max_thinking_tokens: int | None = None
     temperature: float = 0.0
     prefix_cache_entries: int = 16
 

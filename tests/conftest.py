@@ -25,18 +25,10 @@ INTEGRATION_DIR = Path(__file__).parent / "integration"
 platform.processor()
 
 
-# Unit tests that start a process, in files being rewritten right now (issue 16): they move to
-# tests/integration/ with that rewrite, and leave this list then.
-STARTS_A_PROCESS = {
-    "tests/unit/test_train_recipe.py::test_wandb_offline_logs_locally",  # wandb's service process
-    "tests/unit/test_train_recipe.py::test_unknown_override_fails_naming_it_on_the_command_line",  # python -m train
-}
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if INTEGRATION_DIR in Path(item.path).parents or item.nodeid.split("[")[0] in STARTS_A_PROCESS:
+        if INTEGRATION_DIR in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
 
 

@@ -5,9 +5,8 @@
     accelerate launch --config_file conf/accelerate/zero3.yaml -m train data.path=... model=qwen3_30b_a3b model.path=/ckpt
 """
 
-from qat.jobs import job
-
 import train.config  # noqa: F401  registers train_schema, which conf/train.yaml composes onto
+from qat.jobs import job
 
 
 @job("train")

@@ -15,7 +15,7 @@ checked by `train.recipe.validate_config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from qat.config import QuantConfig
 from qat.jobs import register_schema
@@ -27,17 +27,17 @@ class ModelConfig:
 
     family: str = "qwen3_moe"
     """One of train.models.FAMILIES: qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3, gpt_oss."""
-    path: Optional[str] = None
+    path: str | None = None
     """A local HF checkpoint dir; null = build from `config` with random init."""
     dtype: str = "float32"
     """Master weights: float32 on CPU; bfloat16 on GPU."""
-    experts_implementation: Optional[str] = None
+    experts_implementation: str | None = None
     """null = transformers' default (grouped_mm); eager | batched_mm | grouped_mm."""
-    copy_circuit: Optional[Dict[str, Any]] = None
+    copy_circuit: dict[str, Any] | None = None
     """Opt-in: {} installs hand-set induction heads at random init (train/copy_circuit.py CopyCircuit fields)."""
-    upcycle: Optional[Dict[str, Any]] = None
+    upcycle: dict[str, Any] | None = None
     """Set when `path` is built by `python -m train.upcycle` (conf/upcycle.yaml keys)."""
-    config: Dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     """transformers config overrides (sizes of a tiny preset, or changes to a checkpoint's config.json)."""
 
 
@@ -46,14 +46,14 @@ class DataConfig:
     """Trajectories -> rows (data/pipeline.py build_dataloader). Every key but `path` and
     `tokenizer_vocab_size` is a build_dataloader argument of the same name."""
 
-    path: Optional[str] = None
+    path: str | None = None
     """Trajectories: a HF datasets dir (sandbox_env.generate) or a .jsonl in OpenAI/HF message form. Required."""
     seq_len: int = 512
     """Tokens per row; longer trajectories are split at step boundaries, what cannot fit is counted.
     Pick it with `python -m data.report <data> --seq-len N`."""
     packing: bool = True
     """Whole documents packed into rows, positions restart per document; false = one document per row, padded."""
-    mask_4d: Optional[str] = None
+    mask_4d: str | None = None
     """null: the model runs with use_cache=False; a dtype (bfloat16) adds a [B,1,T,T] mask. Null in padded mode."""
     streaming: bool = False
     """true reads lazily (larger-than-memory data), but len() is unknown and there is no held-out split."""
@@ -75,7 +75,7 @@ class QATSchedule:
     """mse observer: re-search the clipping ratios every N steps (0 = only when the fake quant turns on)."""
     log_every: int = 10
     """Steps between per-expert-tensor-group SQNR rows in the metrics log (0 = never)."""
-    init: Optional[str] = None
+    init: str | None = None
     """null = the model's weights | gptq = start QAT from GPTQ (qat/gptq.py) on the training data."""
     init_samples: int = 64
     """init=gptq: calibration documents from the training split."""
@@ -88,7 +88,7 @@ class OptimConfig:
     name: str = "adamw"
     """adamw (torch) | adamw_8bit (bitsandbytes: 8-bit states, ~75% less optimizer memory; not with ZeRO)."""
     lr: float = 3.0e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1.0e-8
     weight_decay: float = 0.1
     """On matrices only; norms, biases and learned QAT scales get none."""
@@ -108,18 +108,18 @@ class LoggerConfig:
     mode: str = "offline"
     """wandb: offline (sync later with `wandb sync`) | online | disabled."""
     project: str = "agentic-qat"
-    name: Optional[str] = None
+    name: str | None = None
     """wandb run name; null = wandb's."""
-    id: Optional[str] = None
+    id: str | None = None
     """Set to resume the same wandb run."""
-    tags: List[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 100
     """Steps between checkpoints (0 = only the final one)."""
-    keep_last: Optional[int] = 3
+    keep_last: int | None = 3
     """Older complete checkpoints are deleted; null keeps all."""
     on_stop: bool = True
     """Also save when stopping at stop_at_step."""
@@ -141,7 +141,7 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    qat: Optional[QuantConfig] = field(default_factory=QuantConfig)
+    qat: QuantConfig | None = field(default_factory=QuantConfig)
     """The fake quantizer (qat.QuantConfig); null = no fake quant, the BF16 run (qat=none)."""
     qat_schedule: QATSchedule = field(default_factory=QATSchedule)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -149,7 +149,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 200
     """Optimizer steps; the LR schedule spans exactly these."""
-    stop_at_step: Optional[int] = None
+    stop_at_step: int | None = None
     """Stop early (as if preempted) after this step, keeping the schedule of max_steps."""
     micro_batch_size: int = 8
     """Rows per process per forward."""
@@ -157,27 +157,27 @@ class TrainConfig:
     """Global batch = micro_batch_size x grad_accum_steps x processes rows."""
     precision: str = "auto"
     """auto = bf16 autocast on GPU, fp32 on CPU | bf16 | fp32."""
-    clip_grad_norm: Optional[float] = 1.0
+    clip_grad_norm: float | None = 1.0
     """Max global grad norm; null disables clipping."""
     activation_checkpointing: bool = False
     """true recomputes each layer in backward: much less activation memory, ~one extra forward of compute."""
-    router_aux_loss_coef: Optional[float] = None
+    router_aux_loss_coef: float | None = None
     """Load-balancing loss weight; null = the model config's own (0.01 for Qwen3-MoE)."""
-    trainable: Optional[str] = None
+    trainable: str | None = None
     """Regex over parameter names that train (others frozen); e.g. 'mlp\\.experts\\.' = experts only."""
     ddp_find_unused_parameters: bool = False
     """true if some parameters get no gradient in a step (eager experts with unhit experts)."""
-    threads: Optional[int] = None
+    threads: int | None = None
     """torch intra-op threads per process; null = torch's default."""
     progress_bar: bool = True
     """tqdm bar on rank 0: loss, tokens/s, ETA."""
     log_every: int = 1
     """Steps between metrics.jsonl rows."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: Optional[str] = None
+    resume: str | None = None
     """null = fresh start | auto = latest complete checkpoint in <output_dir>/checkpoints | a path."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: Optional[str] = "outputs/train/${now:%Y-%m-%d_%H-%M-%S}"
+    output_dir: str | None = "outputs/train/${now:%Y-%m-%d_%H-%M-%S}"
     """Where the run writes (checkpoints/, metrics.jsonl, loss_curve.png, config.yaml). ${now:...}
     resolves in each process: with several processes pass output_dir explicitly."""
 

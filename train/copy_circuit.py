@@ -49,8 +49,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ class CopyCircuit:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "CopyCircuit":
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> CopyCircuit:
         cfg = dict(cfg or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - names)

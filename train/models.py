@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ def _as_dict(cfg: Any) -> dict:
 
 
 def _hf_config(family: str, path: str | None, overrides: Mapping[str, Any]):
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     config_cls = CONFIG_MAPPING[FAMILIES[family]]
     if path is None:

@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from qat.checkpoint import checkpoint_kind
 from qat.config import DTYPES
@@ -56,15 +56,15 @@ class PTQJobConfig:
     """The training job's eval.val_fraction: its held-out records are left out here too."""
     seed: int = 0
     """The training job's seed (same held-out split)."""
-    dtype: Optional[str] = None
+    dtype: str | None = None
     """null = as saved."""
     overwrite: bool = False
-    bits: Optional[int] = None
+    bits: int | None = None
     """4 -> INT4 export; 3 / 2 -> dense checkpoint of the fake-quant weights. null = QuantConfig's (4)."""
-    group_size: Optional[int] = None
-    grid: Optional[str] = None
-    scale_dtype: Optional[str] = None
-    targets: Optional[List[str]] = None
+    group_size: int | None = None
+    grid: str | None = None
+    scale_dtype: str | None = None
+    targets: list[str] | None = None
     """null = routed experts only."""
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
@@ -98,13 +98,13 @@ def run(cfg: Any) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
     from transformers import AutoModelForCausalLM
 
+    from data.pipeline import calibration_batches, split_heldout
     from data.schema import read_trajectories
     from data.tokenizer import load_tokenizer
     from qat import QuantConfig
     from qat.export import export_int4
     from qat.gptq import GPTQConfig
     from qat.ptq import apply_ptq, prepare_with_scales
-    from data.pipeline import calibration_batches, split_heldout
 
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     _validate(cfg)

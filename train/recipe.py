@@ -304,9 +304,9 @@ class TrainRecipe:
 
     def _gptq_init(self, model: torch.nn.Module):
         """qat_schedule.init=gptq: GPTQ of the routed experts on qat_schedule.init_samples documents of the training split."""
+        from data.pipeline import calibration_batches
         from data.schema import iter_trajectories
         from qat.ptq import apply_ptq
-        from data.pipeline import calibration_batches
 
         cfg = self.cfg
         n = cfg.qat_schedule.init_samples
@@ -424,10 +424,11 @@ class TrainRecipe:
 
     # ------------------------------------------------------------------------------------ train
     def train(self) -> None:
-        import qat
         from tqdm.auto import tqdm
 
-        cfg, acc = self.cfg, self.accelerator
+        import qat
+
+        cfg = self.cfg
         stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main or not cfg.progress_bar,
                    desc="train", dynamic_ncols=True)
@@ -591,6 +592,7 @@ class TrainRecipe:
         if self.zero_stage != 3:
             return nullcontext()
         import deepspeed
+
         import qat
 
         params = [getattr(module, attr) for _, module, attr, _ in qat.iter_quantized(self._unwrapped())]
@@ -640,7 +642,7 @@ class TrainRecipe:
                 png = plot_loss_curve(self.metrics.path, self.run_dir / "loss_curve.png",
                                       qat_start_step=self.cfg.qat_schedule.start_step if self.qat_cfg is not None else None)
                 log.info("loss curve %s", png)
-            except Exception as e:  # a plot must never fail a finished run
+            except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
                 log.warning("could not plot the loss curve: %s", e)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

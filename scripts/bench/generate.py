@@ -28,9 +28,8 @@ def load_config(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from qat.jobs import VERSION_BASE
-
     import sandbox_env.config  # noqa: F401  registers the job schemas
+    from qat.jobs import VERSION_BASE
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=VERSION_BASE):
         return OmegaConf.to_container(compose("generate", overrides=overrides), resolve=True)

@@ -39,9 +39,8 @@ def _compose(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from qat.jobs import VERSION_BASE
-
     import sandbox_env.config  # noqa: F401  registers the job schemas
+    from qat.jobs import VERSION_BASE
 
     with initialize_config_dir(version_base=VERSION_BASE, config_dir=str(ROOT / "conf")):
         return OmegaConf.to_container(compose("evaluate", overrides=overrides), resolve=True)

@@ -12,9 +12,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
 from data.schema import read_trajectories
 from qat.jobs import VERSION_BASE
-import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
 from sandbox_env.generate import generate
 
 ROOT = Path(__file__).resolve().parents[2]

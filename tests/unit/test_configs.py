@@ -17,8 +17,8 @@ import yaml
 from omegaconf import OmegaConf
 
 import sandbox_env.config  # noqa: F401  registers generate/evaluate/serve_schema and sandbox/sandbox_schema
-import train  # noqa: F401  registers train_schema
-import train.ptq  # noqa: F401  registers ptq_schema
+import train
+import train.ptq
 import train.upcycle  # noqa: F401  registers upcycle_schema
 from qat.jobs import compose
 

@@ -105,7 +105,8 @@ def test_quantization_config_is_valid_compressed_tensors(qwen3_export):
 def test_mixtral_uses_hub_names():
     model = tiny("mixtral")
     prepare(model, QuantConfig())
-    import tempfile, pathlib
+    import pathlib
+    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         export_int4(model, d)
@@ -230,8 +231,7 @@ def test_chunked_quantizer_is_fq_quantize_bit_for_bit(observer, grid, dtype, mon
     from torch import nn
 
     from qat.export import ChunkedQuantizer
-    from qat.fake_quant import Quantized
-    from qat.fake_quant import ExpertWeightFakeQuant
+    from qat.fake_quant import ExpertWeightFakeQuant, Quantized
     from qat.int4 import pack_int4
 
     g = torch.Generator().manual_seed(5)

@@ -223,8 +223,8 @@ def dense_checkpoint(tmp_path_factory):
     """A tiny dense Qwen3-MoE with its own tokenizer, as the BF16 training run would save it, and
     trajectories to calibrate on."""
     from data.schema import write_jsonl
-    from tests.fixtures import make_records
     from data.tokenizer import train_tokenizer
+    from tests.fixtures import make_records
 
     root = tmp_path_factory.mktemp("ptq")
     records = make_records(80)
@@ -285,9 +285,8 @@ def test_ptq_job_int4_export_and_int2_dense(dense_checkpoint, tmp_path):
 def test_qat_starts_from_the_gptq_solution(dense_checkpoint, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from qat.jobs import VERSION_BASE
-
     from qat import iter_quantized
+    from qat.jobs import VERSION_BASE
     from train.recipe import TrainRecipe
 
     root = dense_checkpoint

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat import QuantConfig, iter_quantized, prepare, quant_error_stats, refresh_observers, set_fake_quant
-from qat import numerics
+from qat import QuantConfig, iter_quantized, numerics, prepare, quant_error_stats, refresh_observers, set_fake_quant
 from qat.fake_quant import ExpertWeightFakeQuant
 from qat.numerics import FakeQuantSTE
 from train.models import build_model, load_preset, set_experts_implementation
@@ -51,7 +50,7 @@ def test_fake_quant_matches_reference_exactly(dtype, grid):
         got = fq(w)
         ref, ref_codes, ref_scales = reference_fake_quant(w, grid=grid)
         assert got.dtype == dtype
-        torch.testing.assert_close(got, ref, atol=0, rtol=0, msg=lambda m: f"seed {seed}: {m}; sqnr {numerics.sqnr_db(ref, got)}")
+        torch.testing.assert_close(got, ref, atol=0, rtol=0, msg=lambda m: f"seed {seed}: {m}; sqnr {numerics.sqnr_db(ref, got)}")  # noqa: B023 - called now
         codes, scales = fq.quantize(w)
         assert torch.equal(codes.float(), ref_codes) and torch.equal(scales, ref_scales)
         # The fake-quant weight is code x scale of the export, bit for bit.
@@ -181,7 +180,7 @@ def test_fake_quant_gradients_match_autograd_of_reference(observer, grid, transp
         got_out = out.transpose(-1, -2) if transposed else out
         assert torch.equal(got_out, ref.detach()), f"seed {seed}: forward differs from the reference"
         got_grad = wg.grad.transpose(-1, -2) if transposed else wg.grad
-        torch.testing.assert_close(got_grad, w_ref.grad, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {seed}, d/dw: {m}")
+        torch.testing.assert_close(got_grad, w_ref.grad, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {seed}, d/dw: {m}")  # noqa: B023 - called now
         clipped = (w_ref.grad == 0).sum()
         if observer == "absmax":
             assert clipped == 0  # absmax never clips: the gradient is upstream's everywhere
@@ -189,7 +188,7 @@ def test_fake_quant_gradients_match_autograd_of_reference(observer, grid, transp
             assert clipped > 0, "the test must reach weights outside the grid"
         if observer == "lsq":
             torch.testing.assert_close(fq.scale.grad, s_param.grad, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"seed {seed}, d/dscale: {m}")
+                                       msg=lambda m: f"seed {seed}, d/dscale: {m}")  # noqa: B023 - called now
             assert fq.scale.grad.abs().sum() > 0
 
 

@@ -7,8 +7,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from qat.jobs import compose
 import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
+from qat.jobs import compose
 from sandbox_env import SandboxConfig
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qat.jobs import VERSION_BASE
 import sandbox_env.config  # noqa: F401  registers the generate/evaluate/serve/sandbox schemas
+from qat.jobs import VERSION_BASE
 from sandbox_env import SandboxConfig
 from sandbox_env.agent.rollout import Budgets
 from sandbox_env.agent.teachers import build_policy
