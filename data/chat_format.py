@@ -1,13 +1,9 @@
 """The K2-style chat format of our tiny tokenizer, in one place: its special tokens, its Jinja
-template, its Python renderer and its parser.
+template, its Python renderer and its parser (and the parser of Qwen3/Hermes-style output).
 
-Real models bring their own tokenizer and chat template; the tiny default model (trained from
-scratch on a laptop) needs one too, and a small vocabulary (a few thousand tokens) trained on
-the project's own data keeps its embedding cheap. The one idea: the chat format's structure
-lives entirely in special tokens, so every piece of free text (a message, a thought, a tool's
-JSON arguments) is tokenized on its own between two special tokens. That makes rendering a
-prefix and rendering the whole give the same tokens (train/inference parity), and lets the
-renderer compute loss masks from token ids alone.
+The one idea: the format's structure lives entirely in special tokens, so every piece of free
+text (a message, a thought, a tool's JSON arguments) sits on its own between two of them; why
+that matters for the tokenizer is in `data.tokenizer`.
 
 The K2-style format (after Kimi K2 Thinking's chat template), one block per message:
 

@@ -3,11 +3,10 @@ chat format of `data.chat_format`.
 
 Real models bring their own tokenizer and chat template; the tiny default model (trained from
 scratch on a laptop) needs one too, and a small vocabulary (a few thousand tokens) trained on
-the project's own data keeps its embedding cheap. The one idea: the chat format's structure
-lives entirely in special tokens, so every piece of free text (a message, a thought, a tool's
-JSON arguments) is tokenized on its own between two special tokens. That makes rendering a
-prefix and rendering the whole give the same tokens (train/inference parity), and lets the
-renderer compute loss masks from token ids alone.
+the project's own data keeps its embedding cheap. The one idea: the format's structure is special
+tokens only, so every piece of free text is tokenized on its own between two of them. Rendering a
+prefix and rendering the whole then give the same tokens (train/inference parity), and the
+renderer computes loss masks from token ids alone.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from data.schema import write_jsonl
-from tests.fixtures import make_records, qwen3_style_tokenizer, tiny_model_and_tokenizer, tiny_tokenizer
+from tests.fixtures import (
+    SEARCH_DOCS,
+    make_records,
+    qwen3_style_tokenizer,
+    start_fake_openai_server,
+    tiny_model_and_tokenizer,
+    tiny_tokenizer,
+)
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 
@@ -85,3 +92,40 @@ def traj(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "traj.jsonl"
     write_jsonl(make_records(60), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_lm):
+    """(model, tokenizer, renderer) of the tiny model: what the engine and the local policy take."""
+    from data.render import get_renderer
+
+    model, tok = tiny_lm
+    return model, tok, get_renderer(tok)
+
+
+@pytest.fixture(scope="module")
+def search_index(tmp_path_factory):
+    """An FTS5 index over tests.fixtures.SEARCH_DOCS."""
+    from sandbox_env import SearchIndex
+
+    return SearchIndex.build(tmp_path_factory.mktemp("tools") / "corpus.db", SEARCH_DOCS)
+
+
+@pytest.fixture
+def openai_server():
+    """(server, replies): a fake OpenAI-compatible server; append responses to `replies`."""
+    replies: list = []
+    srv = start_fake_openai_server(replies)
+    yield srv, replies
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(corpus, ToolEnv over its search index): the retrieval tasks' world, default size."""
+    from sandbox_env.agent.rollout import ToolEnv
+    from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
+
+    corpus, index_path = ensure_corpus(CorpusConfig(), tmp_path_factory.mktemp("corpus"))
+    return corpus, ToolEnv(index_path=index_path)

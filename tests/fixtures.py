@@ -7,6 +7,7 @@ Nothing under qat/, data/, sandbox_env/ or train/ imports this module.
 from __future__ import annotations
 
 import copy
+import json
 import random
 from typing import Any
 
@@ -100,3 +101,97 @@ def tiny_model_and_tokenizer(seed: int = 0, *, vocab_size: int = 512, layers: in
                         intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=experts)
     return model.to(dtype).eval(), tok
+
+
+# ----------------------------------------------------------------------------- agent-loop helpers
+
+
+def greedy_by_recompute(model, prompt: list[int], n: int, stop_ids) -> list[int]:
+    """Greedy decoding by re-running the whole sequence for every token (no cache at all): the
+    reference the engine's cached, batched decoding must equal token for token."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+            if t in stop_ids:
+                break
+    return out
+
+
+class ScriptedSteps:
+    """A policy that plays a fixed list of steps (the last one repeats) and remembers what it was shown."""
+
+    name = "test"
+
+    def __init__(self, *steps):
+        self.steps, self.seen = list(steps), []
+
+    def act(self, messages, tools, state):
+        self.seen.append(json.loads(json.dumps(messages)))
+        return self.steps[min(state.step, len(self.steps) - 1)]
+
+
+SEARCH_LONG_TEXT = " ".join(f"Sentence {i} of the long chronicle of Orvane." for i in range(200))
+SEARCH_DOCS = [
+    {"id": "doc-1", "title": "The Orvane Bridge", "text": "Built in 1821 by the engineer Tessaly Marr."},
+    {"id": "doc-2", "title": "Chronicle of Orvane", "text": SEARCH_LONG_TEXT},
+]
+"""A two-document corpus for the search and open tools (one long enough to paginate)."""
+
+
+def openai_completion(message: dict, finish: str = "stop") -> dict:
+    """A chat-completions response carrying `message`, as an OpenAI-compatible server sends it."""
+    return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "tiny",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def start_fake_openai_server(replies):
+    """A local HTTP server answering every POST with the next of `replies` (the last one repeats),
+    or with `replies(body)` when it is a function; `server.requests` records (path, body). Stop it
+    with shutdown() and server_close()."""
+    import http.server
+    import threading
+
+    class Server(http.server.ThreadingHTTPServer):
+        requests: list
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.server.requests.append((self.path, body))
+            reply = replies(body) if callable(replies) else replies[min(len(self.server.requests) - 1, len(replies) - 1)]
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = Server(("127.0.0.1", 0), Handler)
+    srv.requests = []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def _family_variants():
+    from sandbox_env.tasks import family_names
+
+    return [(n, {}) for n in family_names() if n != "retrieval"] + [("retrieval", {"hops": 1}), ("retrieval", {"hops": 3})]
+
+
+FAMILY_VARIANTS = _family_variants()
+"""(family name, options) of every task family, retrieval single- and multi-hop."""
+FAMILY_IDS = [f"{n}{kw.get('hops', '')}" for n, kw in FAMILY_VARIANTS]
+
+
+def family_in(world, name: str, kw: dict):
+    """The family `name` with options `kw`, retrieval over the `world` fixture's corpus."""
+    from sandbox_env.tasks import get_family
+
+    return get_family(name, corpus=world[0], **kw) if name == "retrieval" else get_family(name, **kw)

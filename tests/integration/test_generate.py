@@ -93,34 +93,21 @@ def test_resume_runs_only_missing_tasks_and_refuses_other_settings(tmp_path):
 def test_rejection_sampling_with_an_openai_compatible_server(tmp_path):
     """A served model (a local HTTP server here) answers each task wrong first, right second:
     with attempts=2 every task is kept from its second episode and the first goes to `rejected`."""
-    import http.server
-    import threading
-
     from sandbox_env.tasks import get_family
+    from tests.fixtures import start_fake_openai_server
 
     answers = {get_family("dates").make("train", i).prompt: get_family("dates").make("train", i).answer for i in range(3)}
     asked: dict[str, int] = {}
 
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = next(m["content"] for m in body["messages"] if m["role"] == "user")
-            asked[prompt] = asked.get(prompt, 0) + 1
-            value = answers[prompt] if asked[prompt] % 2 == 0 else "1999-01-01"
-            msg = {"role": "assistant", "content": f"Answer: {value}", "reasoning_content": f"try {asked[prompt]}"}
-            data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
-                               "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def reply(body):
+        prompt = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        asked[prompt] = asked.get(prompt, 0) + 1
+        value = answers[prompt] if asked[prompt] % 2 == 0 else "1999-01-01"
+        msg = {"role": "assistant", "content": f"Answer: {value}", "reasoning_content": f"try {asked[prompt]}"}
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
 
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = start_fake_openai_server(reply)
     try:
         out = tmp_path / "gen"
         s = generate(config(out, "policy=openai", "policy.model=m", f"policy.base_url=http://127.0.0.1:{srv.server_address[1]}/v1",

@@ -2,16 +2,11 @@
 calls are survivable, a real chat template renders. (The engine alone: tests/unit/test_local_policy.py;
 the 300-call episode: tests/integration/test_evaluate_long_horizon.py.)
 
-Models are tiny and randomly initialised (tests.fixtures.tiny_model_and_tokenizer).
-Where an episode needs valid tool calls, the policy is *guided*: a small scripted policy decides
-each step and its tokens are forced through the real model (every forward runs, the KV cache is
-kept and cropped as in free decoding); the engine's own free decoding is tested token for token
-against recomputing the whole sequence from scratch.
+Models and guided decoding as in tests/unit/test_local_policy.py.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from data.render import get_renderer
@@ -25,27 +20,9 @@ from sandbox_env.agent.types import AssistantStep, EpisodeState, ToolCall
 from sandbox_env.inference.engine import InferenceEngine, Request, SamplingConfig
 from sandbox_env.inference.policy import LocalModelPolicy
 from sandbox_env.tasks import get_family
+from tests.fixtures import greedy_by_recompute
 
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (contention)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_lm):
-    model, tok = tiny_lm
-    return model, tok, get_renderer(tok)
-
-
-def _recompute(model, prompt, n, stop_ids):
-    """Greedy decoding by re-running the whole sequence for every token (no cache at all)."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(t)
-            ids.append(t)
-            if t in stop_ids:
-                break
-    return out
 
 
 PY_TOOL = ToolEnv(tools=("python",))
@@ -74,8 +51,8 @@ def _task():
     return fam, fam.make("heldout", 0, 0)
 
 
-def test_episode_in_sandbox_enforces_max_steps_and_max_total_tokens_exactly(tiny):
-    model, tok, r = tiny
+def test_episode_in_sandbox_enforces_max_steps_and_max_total_tokens_exactly(tiny_policy):
+    model, tok, r = tiny_policy
     fam, task = _task()
     counter = TokenCounter(tok)
     pol = LocalModelPolicy(InferenceEngine(model, r), guide=LoopingCaller(), batched=False)
@@ -97,8 +74,8 @@ def test_episode_in_sandbox_enforces_max_steps_and_max_total_tokens_exactly(tiny
             assert counter.count(msg["reasoning_content"]) <= 8
 
 
-def test_malformed_tool_calls_get_error_results_and_the_loop_continues(tiny):
-    model, tok, r = tiny
+def test_malformed_tool_calls_get_error_results_and_the_loop_continues(tiny_policy):
+    model, tok, r = tiny_policy
     fam, task = _task()
     pol = LocalModelPolicy(InferenceEngine(model, r), guide=LoopingCaller(n=2, bad_first=True), batched=False)
     rec = run_episode(task, pol, PY_TOOL, Budgets(max_steps=6), family=fam, token_counter=TokenCounter(tok))
@@ -133,4 +110,4 @@ def test_policy_with_a_real_chat_template_renderer():
     assert rec["messages"][-1]["content"] == "Answer: 42" and m["reused_tokens"] > 0
     eng = InferenceEngine(model, r)
     p = r.render_prompt(rec["messages"][:4], rec["tools"])
-    assert eng.generate([Request(p, max_new_tokens=8)])[0].token_ids == _recompute(model, p, 8, eng.stop_ids)
+    assert eng.generate([Request(p, max_new_tokens=8)])[0].token_ids == greedy_by_recompute(model, p, 8, eng.stop_ids)

@@ -1,34 +1,22 @@
 """Policies in real sandboxes: the scripted teacher on every family (several seeds, with and
-without mistakes) and the OpenAI-compatible teacher against a local HTTP server, whole episodes.
+without mistakes) and the OpenAI-compatible teacher against a local HTTP openai_server, whole episodes.
 (What needs no sandbox: tests/unit/test_policies.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import json
-import threading
 
 import pytest
 
 from data.schema import validate_record
 from sandbox_env.agent.rollout import Budgets, ToolEnv, run_episode
 from sandbox_env.agent.teachers import OpenAITeacher, ScriptedTeacher
-from sandbox_env.tasks import family_names, get_family
-from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
-
-VARIANTS = [(n, {}) for n in family_names() if n != "retrieval"] + [("retrieval", {"hops": 1}), ("retrieval", {"hops": 3})]
-IDS = [f"{n}{kw.get('hops', '')}" for n, kw in VARIANTS]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    corpus, index_path = ensure_corpus(CorpusConfig(), tmp_path_factory.mktemp("corpus"))
-    return corpus, ToolEnv(index_path=index_path)
-
-
-def family(world, name, kw):
-    return get_family(name, corpus=world[0], **kw) if name == "retrieval" else get_family(name, **kw)
+from sandbox_env.tasks import get_family
+from tests.fixtures import FAMILY_IDS as IDS
+from tests.fixtures import FAMILY_VARIANTS as VARIANTS
+from tests.fixtures import family_in as family
+from tests.fixtures import openai_completion
 
 
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
@@ -115,56 +103,15 @@ def test_teacher_reads_answers_from_tools_not_from_the_reference(world, name, kw
 # ----------------------------------------------------------------------------- OpenAI teacher
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    requests: list
-
-
-def _handler(replies):
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self.server.requests.append((self.path, body))
-            reply = replies[min(len(self.server.requests) - 1, len(replies) - 1)]
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *a):
-            pass
-
-    return H
-
-
-def _completion(message, finish="stop"):
-    return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "tiny",
-            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-
-@pytest.fixture
-def server():
-    replies: list = []
-    srv = _Server(("127.0.0.1", 0), _handler(replies))
-    srv.requests = []
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv, replies
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_openai_teacher_drives_a_real_episode(server, world):
-    srv, replies = server
+def test_openai_teacher_drives_a_real_episode(openai_server, world):
+    srv, replies = openai_server
     fam = get_family("arith")
     task = fam.make("train", 0)
     code = f"print({task.params['a']} * {task.params['b']})" if task.params["kind"] == "product" else "print(6 * 7)"
     replies += [
-        _completion({"content": None, "reasoning_content": "I should compute this with python.",
+        openai_completion({"content": None, "reasoning_content": "I should compute this with python.",
                      "tool_calls": [{"id": "srv-1", "type": "function", "function": {"name": "python", "arguments": json.dumps({"code": code})}}]}, "tool_calls"),
-        _completion({"content": "<think>The tool printed the value.</think>Done.\n\nAnswer: 42"}),
+        openai_completion({"content": "<think>The tool printed the value.</think>Done.\n\nAnswer: 42"}),
     ]
     teacher = OpenAITeacher(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", model="tiny", temperature=0.0, max_retries=0)
     rec = run_episode(task, teacher, ToolEnv(tools=("python",)), Budgets(max_total_tokens=5000), family=fam)

@@ -18,23 +18,13 @@ from sandbox_env.agent.rollout import (
 )
 from sandbox_env.agent.types import AssistantStep, ToolCall
 from sandbox_env.tasks import get_family
+from tests.fixtures import ScriptedSteps
 
 ENV = ToolEnv(tools=("python", "shell"))
 FAM = get_family("arith")
 TASK = FAM.make("train", 0)
 
 
-class Scripted:
-    """Plays a fixed list of steps (the last one repeats); remembers what it was shown."""
-
-    name = "test"
-
-    def __init__(self, *steps: AssistantStep):
-        self.steps, self.seen = list(steps), []
-
-    def act(self, messages, tools, state):
-        self.seen.append(json.loads(json.dumps(messages)))
-        return self.steps[min(state.step, len(self.steps) - 1)]
 
 
 def py(code: str, thinking: str = "run it") -> AssistantStep:
@@ -58,7 +48,7 @@ def generated(rec, counter=None) -> int:
 
 
 def test_final_answer_ends_the_episode_and_the_record_validates():
-    rec = run_episode(TASK, Scripted(py("print(6 * 7)"), final(TASK.answer)), ENV, family=FAM, seed=3)
+    rec = run_episode(TASK, ScriptedSteps(py("print(6 * 7)"), final(TASK.answer)), ENV, family=FAM, seed=3)
     validate_record(rec)
     assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert rec["messages"][3]["content"] == "42\n" and rec["messages"][3]["tool_call_id"] == "call_0"
@@ -73,13 +63,13 @@ def test_files_are_written_before_the_episode():
     fam = get_family("files")
     task = fam.make("train", 0)
     path = next(iter(task.files))
-    rec = run_episode(task, Scripted(AssistantStep("look", "", [ToolCall("shell", {"command": f"cat {path}"})]), final("x")), ENV, family=fam)
+    rec = run_episode(task, ScriptedSteps(AssistantStep("look", "", [ToolCall("shell", {"command": f"cat {path}"})]), final("x")), ENV, family=fam)
     assert rec["messages"][3]["content"] == task.files[path]
 
 
 def test_context_management_hides_old_tool_outputs_and_keeps_the_last_k():
     calls = [py(f"print('{i}' * 300)") for i in range(6)]
-    policy = Scripted(*calls, final("0"))
+    policy = ScriptedSteps(*calls, final("0"))
     budgets = Budgets(context_budget=700, keep_last_tool_outputs=2)
     rec = run_episode(TASK, policy, ENV, budgets, family=FAM)
     validate_record(rec)
@@ -91,7 +81,7 @@ def test_context_management_hides_old_tool_outputs_and_keeps_the_last_k():
     last_seen = [m["content"] for m in policy.seen[-1] if m["role"] == "tool"]
     assert last_seen[:4] == [HIDDEN_PLACEHOLDER] * 4
     # with a big budget nothing is hidden
-    rec = run_episode(TASK, Scripted(*calls, final("0")), ENV, Budgets(context_budget=100000), family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(*calls, final("0")), ENV, Budgets(context_budget=100000), family=FAM)
     assert rec["metadata"]["context_hidden"] == 0 and HIDDEN_PLACEHOLDER not in json.dumps(rec["messages"])
 
 
@@ -103,7 +93,7 @@ def test_malformed_tool_calls_become_errors_and_the_episode_goes_on():
         ToolCall("python", "[1, 2]"),           # JSON, but not an object
         ToolCall("", {}),                       # no name at all
     ])
-    rec = run_episode(TASK, Scripted(bad, py("print(2)"), final("2")), ENV, family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(bad, py("print(2)"), final("2")), ENV, family=FAM)
     validate_record(rec)
     tools = [m for m in rec["messages"] if m["role"] == "tool"]
     assert all(t["content"].startswith("Error") for t in tools[:5]) and tools[5]["content"] == "2\n"
@@ -116,14 +106,14 @@ def test_malformed_tool_calls_become_errors_and_the_episode_goes_on():
 
 
 def test_python_errors_are_tool_errors_not_invalid_calls():
-    rec = run_episode(TASK, Scripted(py("1/0"), final("x")), ENV, family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(py("1/0"), final("x")), ENV, family=FAM)
     assert "ZeroDivisionError" in rec["messages"][3]["content"]
     assert rec["metadata"]["invalid_tool_calls"] == 0 and rec["metadata"]["tool_errors"] == 1
 
 
 @pytest.mark.parametrize("max_steps", [1, 3])
 def test_max_steps_is_exact(max_steps):
-    rec = run_episode(TASK, Scripted(py("print(1)")), ENV, Budgets(max_steps=max_steps), family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(py("print(1)")), ENV, Budgets(max_steps=max_steps), family=FAM)
     validate_record(rec)
     assert sum(m["role"] == "assistant" for m in rec["messages"]) == max_steps
     assert rec["metadata"]["steps"] == max_steps and rec["metadata"]["budget_exhausted"] == "max_steps"
@@ -132,7 +122,7 @@ def test_max_steps_is_exact(max_steps):
 
 def test_long_thinking_is_cut_to_exactly_the_budget():
     long = "I am thinking very hard. " * 200
-    rec = run_episode(TASK, Scripted(py("print(1)", long), final("1", "short")), ENV, Budgets(max_thinking_tokens=37), family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(py("print(1)", long), final("1", "short")), ENV, Budgets(max_thinking_tokens=37), family=FAM)
     r = rec["messages"][2]["reasoning_content"]
     assert TokenCounter().count(r) == 37 and long.startswith(r)
     assert rec["messages"][4]["reasoning_content"] == "short"
@@ -144,7 +134,7 @@ def test_total_token_budget_is_never_exceeded():
     counter = TokenCounter()
     per_step = 100 + counter.call_tokens("python", {"code": "print(1)"})
     budget = 3 * per_step + 50  # three whole steps, then 50 tokens left: thinking is cut to fit
-    rec = run_episode(TASK, Scripted(step), ENV, Budgets(max_total_tokens=budget, max_steps=50), family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(step), ENV, Budgets(max_total_tokens=budget, max_steps=50), family=FAM)
     validate_record(rec)
     m = rec["metadata"]
     assert m["budget_exhausted"] == "max_total_tokens"
@@ -156,7 +146,7 @@ def test_total_token_budget_is_never_exceeded():
 
 def test_a_step_whose_calls_alone_do_not_fit_is_dropped():
     big = py("print('" + "x" * 400 + "')", "")
-    rec = run_episode(TASK, Scripted(py("print(1)", ""), big), ENV, Budgets(max_total_tokens=60), family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(py("print(1)", ""), big), ENV, Budgets(max_total_tokens=60), family=FAM)
     validate_record(rec)
     assert rec["metadata"]["steps"] == 1 and rec["metadata"]["budget_exhausted"] == "max_total_tokens"
     assert rec["metadata"]["generated_tokens"] <= 60 and rec["messages"][-1]["role"] == "tool"
@@ -173,5 +163,5 @@ def test_token_counter_with_a_real_tokenizer():
     cut = counter.truncate(text, 7)
     assert counter.count(cut) <= 7 and text.startswith(cut.strip()[:10]) and counter.count(cut) >= 6
     long = "the quick brown fox " * 100
-    rec = run_episode(TASK, Scripted(py("print(1)", long), final("1")), ENV, Budgets(max_thinking_tokens=10), family=FAM, token_counter=counter)
+    rec = run_episode(TASK, ScriptedSteps(py("print(1)", long), final("1")), ENV, Budgets(max_thinking_tokens=10), family=FAM, token_counter=counter)
     assert counter.count(rec["messages"][2]["reasoning_content"]) <= 10 and rec["metadata"]["thinking_truncated"] == 1

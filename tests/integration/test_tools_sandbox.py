@@ -5,21 +5,14 @@ import shutil
 
 import pytest
 
-from sandbox_env import Sandbox, SandboxConfig, SearchIndex, ToolBox, ToolResult
+from sandbox_env import Sandbox, SandboxConfig, ToolBox, ToolResult
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
 
-LONG_TEXT = " ".join(f"Sentence {i} of the long chronicle of Orvane." for i in range(200))
-DOCS = [
-    {"id": "doc-1", "title": "The Orvane Bridge", "text": "Built in 1821 by the engineer Tessaly Marr."},
-    {"id": "doc-2", "title": "Chronicle of Orvane", "text": LONG_TEXT},
-]
-
-
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    return SearchIndex.build(tmp_path_factory.mktemp("tools") / "corpus.db", DOCS)
+def index(search_index):
+    return search_index
 
 
 @pytest.fixture(scope="module")

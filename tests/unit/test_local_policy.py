@@ -25,28 +25,9 @@ from sandbox_env.agent.rollout import (
 from sandbox_env.agent.types import AssistantStep, ToolCall
 from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, SamplingConfig
 from sandbox_env.inference.loading import checkpoint_kind, load_policy_model
-from tests.fixtures import tiny_model_and_tokenizer
+from tests.fixtures import greedy_by_recompute, tiny_model_and_tokenizer
 
 torch.set_num_threads(1)  # 2 threads on a shared 2-core box run ~20x slower (contention)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_lm):
-    model, tok = tiny_lm
-    return model, tok, get_renderer(tok)
-
-
-def _recompute(model, prompt, n, stop_ids):
-    """Greedy decoding by re-running the whole sequence for every token (no cache at all)."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(t)
-            ids.append(t)
-            if t in stop_ids:
-                break
-    return out
 
 
 def _conversation(n_tools=3):
@@ -62,20 +43,20 @@ def _conversation(n_tools=3):
 PY_TOOL = ToolEnv(tools=("python",))
 
 
-def test_kv_cache_decoding_equals_recompute_including_after_context_management(tiny):
-    model, _tok, r = tiny
+def test_kv_cache_decoding_equals_recompute_including_after_context_management(tiny_policy):
+    model, _tok, r = tiny_policy
     eng = InferenceEngine(model, r)
     tools = [{"type": "function", "function": {"name": "python", "parameters": {"type": "object", "properties": {}}}}]
     msgs = _conversation(3)
     cache = KVCache()
     p1 = r.render_prompt(msgs[:4], tools)
     a = eng.generate([Request(p1, cache=cache, max_new_tokens=12)])[0]
-    assert a.reused_tokens == 0 and a.token_ids == _recompute(model, p1, 12, eng.stop_ids)
+    assert a.reused_tokens == 0 and a.token_ids == greedy_by_recompute(model, p1, 12, eng.stop_ids)
     # the next step extends the conversation: most of the prompt comes from the cache
     p2 = r.render_prompt(msgs, tools)
     b = eng.generate([Request(p2, cache=cache, max_new_tokens=12)])[0]
     assert b.reused_tokens > len(p1) // 2
-    assert b.token_ids == _recompute(model, p2, 12, eng.stop_ids)
+    assert b.token_ids == greedy_by_recompute(model, p2, 12, eng.stop_ids)
     # context management hides the first tool output: the prefix changes in the middle, the cache is cropped there
     hidden = [dict(m) for m in msgs]
     hidden[3]["content"] = HIDDEN_PLACEHOLDER
@@ -83,13 +64,13 @@ def test_kv_cache_decoding_equals_recompute_including_after_context_management(t
     k = next(i for i, (x, y) in enumerate(zip(p2, p3)) if x != y)
     c = eng.generate([Request(p3, cache=cache, max_new_tokens=12)])[0]
     assert c.reused_tokens == k and c.prefill_tokens == len(p3) - k
-    assert c.token_ids == _recompute(model, p3, 12, eng.stop_ids)
+    assert c.token_ids == greedy_by_recompute(model, p3, 12, eng.stop_ids)
     assert cache.ids == (p3 + c.token_ids)[: len(cache.ids)] and len(cache.ids) == c.cache_tokens
     assert cache.layers[0][0].shape[2] == len(cache.ids)
 
 
-def test_batched_decoding_equals_unbatched_and_threads_share_forwards(tiny):
-    model, _tok, r = tiny
+def test_batched_decoding_equals_unbatched_and_threads_share_forwards(tiny_policy):
+    model, _tok, r = tiny_policy
     prompts = [r.render_prompt(_conversation(n)[: 2 + 2 * n], None) for n in (0, 1, 2, 3)]
     alone = [InferenceEngine(model, r).generate([Request(p, max_new_tokens=16)])[0].token_ids for p in prompts]
     eng = InferenceEngine(model, r, max_batch_size=8)
@@ -113,8 +94,8 @@ def test_batched_decoding_equals_unbatched_and_threads_share_forwards(tiny):
     assert eng2.stats["forwards"] < sum(len(a) for a in alone) + len(prompts)  # some forwards were shared
 
 
-def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
-    model, _tok, r = tiny
+def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny_policy):
+    model, _tok, r = tiny_policy
     eng = InferenceEngine(model, r)
     think, end_think = eng.think_open_id, eng.think_close_id
     p = r.render_prompt(_conversation(0), None)
@@ -128,8 +109,8 @@ def test_thinking_budget_closes_the_think_block_and_the_model_goes_on(tiny):
     assert r.parse_assistant(ids).reasoning_content.strip() == r.decode(ids[1:4]).strip()
 
 
-def test_sampling_is_seeded(tiny):
-    model, _tok, r = tiny
+def test_sampling_is_seeded(tiny_policy):
+    model, _tok, r = tiny_policy
     eng = InferenceEngine(model, r)
     p = r.render_prompt(_conversation(1), None)
     a, b, c = eng.generate([Request(p, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=s) for s in (1, 1, 2)])
@@ -138,8 +119,8 @@ def test_sampling_is_seeded(tiny):
         SamplingConfig(top_p=0.0)
 
 
-def test_load_policy_model_dispatches_on_files(tiny, tmp_path):
-    model, tok, r = tiny
+def test_load_policy_model_dispatches_on_files(tiny_policy, tmp_path):
+    model, tok, r = tiny_policy
     with pytest.raises(ValueError, match="no config.json"):
         checkpoint_kind(tmp_path)
     model.save_pretrained(tmp_path / "hf")
@@ -154,7 +135,7 @@ def test_load_policy_model_dispatches_on_files(tiny, tmp_path):
         load_policy_model(tmp_path / "hf", dtype="int3")
 
 
-def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny, tmp_path):
+def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny_policy, tmp_path):
     """The engine on the two quantized kinds: cached + batched greedy decoding equals recomputing
     from scratch, and the INT4 export decodes what the fake-quant model decodes."""
     import json
@@ -162,7 +143,7 @@ def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny, tmp_path):
     from qat import QuantConfig, prepare
     from qat.export import export_int4
 
-    _model, tok, r = tiny
+    _model, tok, r = tiny_policy
     q, _ = tiny_model_and_tokenizer(seed=0)
     prepare(q, QuantConfig())
     q.save_pretrained(tmp_path / "fq")
@@ -176,17 +157,17 @@ def test_engine_decodes_fake_quant_and_int4_checkpoints_exactly(tiny, tmp_path):
         assert loaded.kind == {"fq": "fake_quant", "int4": "int4"}[kind]
         eng = InferenceEngine(loaded.model, get_renderer(loaded.tokenizer))
         outs[kind] = [x.token_ids for x in eng.generate([Request(p, max_new_tokens=10) for p in prompts])]
-        assert outs[kind] == [_recompute(loaded.model, p, 10, eng.stop_ids) for p in prompts]
+        assert outs[kind] == [greedy_by_recompute(loaded.model, p, 10, eng.stop_ids) for p in prompts]
     assert outs["fq"] == outs["int4"]
     with pytest.raises(ValueError, match="ptq='rtn' applies to a dense HF checkpoint"):
         load_policy_model(tmp_path / "int4", ptq="rtn")
 
 
-def test_guided_body_ids_equal_the_training_labels(tiny):
+def test_guided_body_ids_equal_the_training_labels(tiny_policy):
     """The fast path of assistant_body_ids (tiny format) gives exactly the labelled tokens of the training render."""
     from sandbox_env.inference.policy import assistant_body_ids
 
-    _model, _tok, r = tiny
+    _model, _tok, r = tiny_policy
     msgs = _conversation(3)
     step = AssistantStep("think é", "some text", [ToolCall("python", {"code": "print(1)"}, "x1"),
                                                   ToolCall("shell", '{"command": "ls"', "x2")])

@@ -4,31 +4,14 @@ sandboxes are in tests/integration/test_policies_sandbox.py."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-
 import pytest
 
 from data.schema import validate_record
-from sandbox_env.agent.rollout import Budgets, ToolEnv, run_episode
+from sandbox_env.agent.rollout import Budgets, run_episode
 from sandbox_env.agent.teachers import OpenAITeacher, ScriptedTeacher, build_policy, to_openai_messages
 from sandbox_env.agent.types import AssistantStep, EpisodeState
-from sandbox_env.tasks import family_names, get_family
-from sandbox_env.tasks.corpus import CorpusConfig, ensure_corpus
-
-VARIANTS = [(n, {}) for n in family_names() if n != "retrieval"] + [("retrieval", {"hops": 1}), ("retrieval", {"hops": 3})]
-IDS = [f"{n}{kw.get('hops', '')}" for n, kw in VARIANTS]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    corpus, index_path = ensure_corpus(CorpusConfig(), tmp_path_factory.mktemp("corpus"))
-    return corpus, ToolEnv(index_path=index_path)
-
-
-def family(world, name, kw):
-    return get_family(name, corpus=world[0], **kw) if name == "retrieval" else get_family(name, **kw)
+from tests.fixtures import family_in as family
+from tests.fixtures import openai_completion
 
 
 def test_brief_style_first_sentence_ignores_quoted_and_numeric_stops():
@@ -83,50 +66,9 @@ def test_build_policy_from_config_and_errors():
 # ----------------------------------------------------------------------------- OpenAI teacher
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    requests: list
-
-
-def _handler(replies):
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self.server.requests.append((self.path, body))
-            reply = replies[min(len(self.server.requests) - 1, len(replies) - 1)]
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *a):
-            pass
-
-    return H
-
-
-def _completion(message, finish="stop"):
-    return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "tiny",
-            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-
-@pytest.fixture
-def server():
-    replies: list = []
-    srv = _Server(("127.0.0.1", 0), _handler(replies))
-    srv.requests = []
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv, replies
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_openai_teacher_passes_malformed_arguments_to_the_loop(server):
-    srv, replies = server
-    replies.append(_completion({"content": "", "reasoning": "calling",
+def test_openai_teacher_passes_malformed_arguments_to_the_loop(openai_server):
+    srv, replies = openai_server
+    replies.append(openai_completion({"content": "", "reasoning": "calling",
                                 "tool_calls": [{"id": "x", "type": "function", "function": {"name": "python", "arguments": "{not json"}}]}))
     teacher = OpenAITeacher(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", model="m", max_tokens=64, max_retries=0)
     state = EpisodeState(task=None, family=None, seed=0, tokens_left=1000)

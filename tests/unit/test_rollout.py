@@ -5,8 +5,6 @@ tests/integration/test_rollout_sandbox.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from data.schema import validate_record
@@ -22,23 +20,13 @@ from sandbox_env.agent.rollout import (
 )
 from sandbox_env.agent.types import AssistantStep
 from sandbox_env.tasks import get_family
+from tests.fixtures import ScriptedSteps
 
 ENV = ToolEnv(tools=("python", "shell"))
 FAM = get_family("arith")
 TASK = FAM.make("train", 0)
 
 
-class Scripted:
-    """Plays a fixed list of steps (the last one repeats); remembers what it was shown."""
-
-    name = "test"
-
-    def __init__(self, *steps: AssistantStep):
-        self.steps, self.seen = list(steps), []
-
-    def act(self, messages, tools, state):
-        self.seen.append(json.loads(json.dumps(messages)))
-        return self.steps[min(state.step, len(self.steps) - 1)]
 
 
 def test_manage_context_only_acts_above_budget():
@@ -53,7 +41,7 @@ def test_manage_context_only_acts_above_budget():
 
 
 def test_an_empty_final_reply_still_makes_a_valid_record():
-    rec = run_episode(TASK, Scripted(AssistantStep("hmm", "", [])), ENV, family=FAM)
+    rec = run_episode(TASK, ScriptedSteps(AssistantStep("hmm", "", [])), ENV, family=FAM)
     validate_record(rec)
     assert rec["messages"][-1]["content"] == EMPTY_REPLY and rec["metadata"]["empty_replies"] == 1
     assert not rec["verdict"]["correct"]

@@ -6,17 +6,12 @@ import json
 import pytest
 
 from sandbox_env import SearchIndex, ToolBox, ToolResult
-
-LONG_TEXT = " ".join(f"Sentence {i} of the long chronicle of Orvane." for i in range(200))
-DOCS = [
-    {"id": "doc-1", "title": "The Orvane Bridge", "text": "Built in 1821 by the engineer Tessaly Marr."},
-    {"id": "doc-2", "title": "Chronicle of Orvane", "text": LONG_TEXT},
-]
+from tests.fixtures import SEARCH_DOCS, SEARCH_LONG_TEXT
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    return SearchIndex.build(tmp_path_factory.mktemp("tools") / "corpus.db", DOCS)
+def index(search_index):
+    return search_index
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +50,12 @@ def test_search_tool(retrieval):
 
 def test_open_tool_paginates(retrieval):
     r = retrieval.call("open", {"doc_id": "doc-2"})
-    n_pages = -(-len(LONG_TEXT) // 1000)
+    n_pages = -(-len(SEARCH_LONG_TEXT) // 1000)
     assert r.ok and f"(page 1 of {n_pages})" in r.content and "page=2" in r.content
-    assert LONG_TEXT[:1000] in r.content
+    assert SEARCH_LONG_TEXT[:1000] in r.content
     pages = [retrieval.call("open", {"doc_id": "doc-2", "page": p}).content.split("\n\n", 1)[1]
              for p in range(1, n_pages + 1)]
-    assert "".join(pages) == LONG_TEXT  # the pages are the whole document, in order
+    assert "".join(pages) == SEARCH_LONG_TEXT  # the pages are the whole document, in order
     last = retrieval.call("open", {"doc_id": "doc-2", "page": n_pages})
     assert f"(page {n_pages} of {n_pages})\n" in last.content  # no "read on" hint on the last page
     r = retrieval.call("open", {"doc_id": "doc-2", "page": n_pages + 1})
@@ -118,7 +113,7 @@ def test_constructor_checks_its_wiring(index):
 
 
 def test_internal_failures_do_not_raise(index, tmp_path):
-    broken = SearchIndex.build(tmp_path / "c.db", DOCS)
+    broken = SearchIndex.build(tmp_path / "c.db", SEARCH_DOCS)
     tb = ToolBox(index=broken, tools=("search",))
     broken.close()  # the index goes away under the toolbox
     r = tb.call("search", {"query": "Orvane"})
