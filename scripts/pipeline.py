@@ -20,13 +20,83 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from qat.jobs import job
+from qat.jobs import job, register_schema
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The schema of conf/pipeline.yaml: names and types only. Its values live in the YAML, where each
+# knob carries its trade-off (MISSING here = set there), so a misspelled key or a wrong type fails
+# at composition, while the YAML stays the one place a user reads the main job's settings.
+
+
+@dataclass
+class TrainStage:
+    max_steps: int = MISSING
+    lr: float = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GPTQStage:
+    num_samples: int = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateStage:
+    tasks: str = MISSING
+    train_per_family: int = MISSING
+    heldout_per_family: int = MISSING
+    workers: int = MISSING
+    style: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampledStage:
+    seeds: list[int] = field(default_factory=list)
+    temperature: float = MISSING
+    models: list[str] | None = None
+
+
+@dataclass
+class EvaluateStage:
+    tasks_per_family: int = MISSING
+    kl_records: int = MISSING
+    tools_disabled: Any = False  # false, true or a list of model names
+    sampled: SampledStage = field(default_factory=SampledStage)
+    overrides: list[str] = field(default_factory=list)
+    int4_dtype: str | None = None
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = MISSING
+    python: str | None = None
+    threads: int | None = None
+    compact_prompt: bool = MISSING
+    model_preset: str = MISSING
+    seq_len: int = MISSING
+    micro_batch_size: int = MISSING
+    train_overrides: list[str] = field(default_factory=list)
+    bf16: TrainStage = field(default_factory=TrainStage)
+    qat: TrainStage = field(default_factory=TrainStage)
+    sweep: list[str] = field(default_factory=list)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> QuantConfig fields (the train job checks them)
+    ptq: list[str] = field(default_factory=list)
+    gptq: GPTQStage = field(default_factory=GPTQStage)
+    gptq_then_qat: list[str] = field(default_factory=list)
+    generate: GenerateStage = field(default_factory=GenerateStage)
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+
+
+register_schema("pipeline", PipelineConfig)
 
 
 class Pipeline:

@@ -9,7 +9,9 @@ config with a schema refuses a misspelled key or a wrong type at composition. Th
 conf/deepspeed/*.json) are not Hydra groups; they are checked for what the job relies on.
 """
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,16 @@ import train
 import train.ptq
 import train.upcycle  # noqa: F401  registers upcycle_schema
 from qat.jobs import compose
+
+
+def _register_pipeline_schema() -> None:
+    """scripts/pipeline.py is a script, not a package module: importing it registers pipeline_schema."""
+    spec = importlib.util.spec_from_file_location("pipeline_script", Path(__file__).resolve().parents[2] / "scripts" / "pipeline.py")
+    module = sys.modules["pipeline_script"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+_register_pipeline_schema()
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRIMARIES = sorted(p.stem for p in CONF.glob("*.yaml"))
