@@ -127,7 +127,8 @@ class ChunkedQuantizer:
     # and the float -> int conversion.
     ROUND_MAGIC = 1.5 * 2**23 + 8
 
-    def _quantize(self, w: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | None):
+    def quantize(self, w: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | None):
+        """(packed int32 [..., O, I/8], scale [..., O, G]) of one expert tensor w [..., O, I]."""
         gs, shape = cfg.group_size, tuple(w.shape)
         x = self._buf("x", shape, torch.float32, w.device)
         x.copy_(w)
@@ -169,13 +170,13 @@ class ChunkedQuantizer:
             return
         clip = getattr(fq, "clip_ratio", None) if cfg.observer == "mse" else None
         if weight.ndim == 2:
-            yield (-1, -1, *self._quantize(weight, cfg, clip))
+            yield (-1, -1, *self.quantize(weight, cfg, clip))
             return
         E = weight.shape[0]
         step = max(1, self.CHUNK_ELEMENTS // max(1, weight[0].numel()))
         for e0 in range(0, E, step):
             e1 = min(E, e0 + step)
-            yield (e0, e1, *self._quantize(weight[e0:e1], cfg, None if clip is None else clip[e0:e1]))
+            yield (e0, e1, *self.quantize(weight[e0:e1], cfg, None if clip is None else clip[e0:e1]))
 
 
 # --- the export --------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
     def quantize(tensor):
         if not hasattr(local, "quantizer"):
             local.quantizer = ChunkedQuantizer()
-        return local.quantizer._quantize(tensor, cfg, None)
+        return local.quantizer.quantize(tensor, cfg, None)
 
     queue: collections.deque = collections.deque()
 

@@ -133,7 +133,7 @@ def gptq_quantize(w_EOI: torch.Tensor, h_EII: torch.Tensor, cfg: QuantConfig, *,
                 s = scale[..., col // gs]
             s = s.to(dtype)
             w = W1[..., i]
-            q = (w / numerics._safe(s)).round_().clamp_(cfg.qmin, cfg.qmax).masked_fill_(s == 0, 0)
+            q = (w / numerics.safe_scale(s)).round_().clamp_(cfg.qmin, cfg.qmax).masked_fill_(s == 0, 0)
             err = (w - q * s) / Hinv1[:, i, i, None]
             W1[..., i:].addcmul_(err[..., None], Hinv1[:, None, i, i:], value=-1.0)
             Err1[..., i] = err
@@ -159,6 +159,8 @@ def expert_intermediate(experts: nn.Module, e: int, x_NH: torch.Tensor) -> torch
     y = x_NH @ w if experts.is_transposed else x_NH @ w.T
     if experts.has_bias:
         y = y + getattr(experts, f"{attr}_bias")[e]
+    # _apply_gate is transformers' per-model gating hook of fused experts (GPT-OSS's clamped GLU with
+    # up + 1; act(gate) * up elsewhere): no public equivalent exists, and only it is the model's own gating.
     return experts._apply_gate(y) if experts.has_gate else experts.act_fn(y)
 
 

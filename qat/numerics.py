@@ -61,7 +61,7 @@ def absmax_scale(w_OI: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor 
     return _kernel(_absmax_scale_math, cfg, w)(w, cfg.group_size, cfg.divisor, cfg.torch_scale_dtype, clip_ratio)
 
 
-def _safe(scale_f32: torch.Tensor) -> torch.Tensor:
+def safe_scale(scale_f32: torch.Tensor) -> torch.Tensor:
     # A zero scale means an all-zero group (or one too small for the scale dtype): its codes are 0.
     return torch.where(scale_f32 == 0, torch.ones_like(scale_f32), scale_f32)
 
@@ -69,7 +69,7 @@ def _safe(scale_f32: torch.Tensor) -> torch.Tensor:
 def codes_from_scale(w_OI: torch.Tensor, scale_OG: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """Integer codes (int8, [..., O, I]) of w on the grid of cfg, for the given (rounded) scales."""
     g = cfg.group_size
-    v = w_OI.detach().float().unflatten(-1, (-1, g)) / _safe(scale_OG.float()).unsqueeze(-1)
+    v = w_OI.detach().float().unflatten(-1, (-1, g)) / safe_scale(scale_OG.float()).unsqueeze(-1)
     return v.round_().clamp_(cfg.qmin, cfg.qmax).to(torch.int8).flatten(-2)
 
 
@@ -115,7 +115,7 @@ class FakeQuantSTE(torch.autograd.Function):
         grad_w = grad_s = None
         if not (clip_grad_mask or need_s):
             return grad_out, None, None, None, None, None, None, None
-        s = _safe(scale_OG.float()).unsqueeze(-1)
+        s = safe_scale(scale_OG.float()).unsqueeze(-1)
         v = w_OI.detach().float().unflatten(-1, (-1, group_size)) / s
         inside = (v >= qmin) & (v <= qmax)
         g = grad_out.float().unflatten(-1, (-1, group_size))
