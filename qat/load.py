@@ -120,10 +120,9 @@ class _Checkpoint:
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[attr] = value
+    # setattr of a Parameter re-registers the parameter; of a tensor over a buffer, replaces the buffer
+    setattr(module, attr, nn.Parameter(value, requires_grad=False) if attr in dict(module.named_parameters(recurse=False))
+            else value)
 
 
 # --- the loader --------------------------------------------------------------------------------
@@ -155,9 +154,8 @@ def _load(path: str | os.PathLike, *, dtype: torch.dtype | None, device: str | t
     model = skeleton(config, dtype)
     if device.type != "cpu":  # the real buffers; parameters are still meta and are placed as they load
         for module in model.modules():
-            for key, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[key] = buf.to(device)
+            for key, buf in list(module.named_buffers(recurse=False)):
+                setattr(module, key, buf.to(device))
     ckpt = _Checkpoint(d)
     state = model.state_dict(keep_vars=True)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
@@ -177,9 +175,9 @@ def _load(path: str | os.PathLike, *, dtype: torch.dtype | None, device: str | t
                     raise ValueError(f"{where}: {name} is stored transposed; INT4 experts need output-major storage")
                 if dequantize:
                     w = dequantize_int4(packed, scale, group_size, dtype, in_features)
-                    module._parameters[attr] = nn.Parameter(w.to(device), requires_grad=True)
+                    setattr(module, attr, nn.Parameter(w.to(device), requires_grad=True))
                 else:
-                    del module._parameters[attr]
+                    delattr(module, attr)
                     setattr(module, attr.replace("_proj", "_int4"),
                             Int4Weight(packed.to(device), scale.to(device), group_size, in_features, backend))
                 num_int4 += 1
@@ -234,7 +232,7 @@ def _load(path: str | os.PathLike, *, dtype: torch.dtype | None, device: str | t
     if num_int4 == 0 and num_dense_fallback == 0:
         raise ValueError(f"{where}: no INT4 tensor (weight_packed) found in {d} for {type(model).__name__}")
     if not dequantize and num_int4:
-        model.config._experts_implementation = register_experts_implementation()
+        _use_int4_experts(model)
     if (d / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(d))
     for p in model.parameters():
@@ -339,13 +337,22 @@ def convert_int4(model: nn.Module, *, backend: str = "auto") -> nn.Module:
             bias = module.bias.detach() if module.bias is not None else None
             setattr(parent, child, Int4Linear(int4, bias))
             continue
-        del module._parameters[attr]
+        delattr(module, attr)
         setattr(module, attr.replace("_proj", "_int4"),
                 Int4Weight(packed, scale, fq.cfg.group_size, codes.shape[-1], backend))
         num_experts += 1
     remove_fake_quant(model)
     if num_experts:
-        model.config._experts_implementation = register_experts_implementation()
+        _use_int4_experts(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _use_int4_experts(model: nn.Module) -> None:
+    """Routes the model's fused experts through the INT4 forward (registered with transformers)."""
+    name = register_experts_implementation()
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(name)
+    else:  # transformers without the setter: the experts read the config attribute
+        model.config._experts_implementation = name

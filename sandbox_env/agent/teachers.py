@@ -60,7 +60,7 @@ class ScriptedTeacher:
     def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], state: EpisodeState) -> AssistantStep:
         gen = state.scratch.get("script")
         if gen is None:
-            from sandbox_env.tasks._script import ScriptContext
+            from sandbox_env.tasks.scripting import ScriptContext
 
             rng = random.Random(f"scripted|{state.task.id}|{state.seed}")
             gen = state.family.script(state.task, ScriptContext(rng, self.mistake_rate, state.notes, tools))

@@ -12,8 +12,8 @@ import random
 from typing import Any
 
 from sandbox_env.agent.types import AssistantStep
-from sandbox_env.tasks._script import ScriptContext, last_line, line_before_last, python_run
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
+from sandbox_env.tasks.scripting import ScriptContext, last_line, line_before_last, python_run
 
 KINDS = ("product", "power_mod", "factorial_digit_sum", "sum_of_powers")
 

@@ -134,7 +134,7 @@ class TaskFamily:
         raise NotImplementedError
 
     def script(self, task: Task, ctx: Any) -> Generator:
-        """The scripted teacher (`ctx`: a `_script.ScriptContext`): a generator that yields
+        """The scripted teacher (`ctx`: a `scripting.ScriptContext`): a generator that yields
         `AssistantStep`s and is sent the list of tool-result texts that answered each step's
         tool calls. It must read answers from those texts, never from `task.answer`."""
         raise NotImplementedError

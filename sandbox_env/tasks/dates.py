@@ -12,8 +12,8 @@ import random
 from typing import Any
 
 from sandbox_env.agent.types import AssistantStep
-from sandbox_env.tasks._script import ScriptContext, python_solve
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
+from sandbox_env.tasks.scripting import ScriptContext, python_solve
 
 KINDS = ("add_days", "days_between", "weekday")
 _LO, _HI = dt.date(1700, 1, 1).toordinal(), dt.date(2300, 12, 31).toordinal()

@@ -16,8 +16,8 @@ from decimal import Decimal
 from typing import Any
 
 from sandbox_env.agent.types import AssistantStep
-from sandbox_env.tasks._script import ScriptContext, call_with_recovery, last_line, quote
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
+from sandbox_env.tasks.scripting import ScriptContext, call_with_recovery, last_line, quote
 
 KINDS = ("count_matching", "largest_file", "csv_sum", "count_files")
 LEVELS = ("INFO", "WARN", "ERROR", "DEBUG")

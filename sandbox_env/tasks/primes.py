@@ -13,8 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from sandbox_env.agent.types import AssistantStep
-from sandbox_env.tasks._script import ScriptContext, last_line, line_before_last, python_run
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
+from sandbox_env.tasks.scripting import ScriptContext, last_line, line_before_last, python_run
 
 KINDS = ("nth_prime", "prime_count", "next_prime", "largest_prime_factor")
 

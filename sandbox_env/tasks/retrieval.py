@@ -15,9 +15,9 @@ import re
 from typing import Any
 
 from sandbox_env.agent.types import AssistantStep
-from sandbox_env.tasks._script import ScriptContext, call_with_recovery, quote
 from sandbox_env.tasks.base import Task, TaskFamily, format_final
 from sandbox_env.tasks.corpus import RELATIONS, Corpus, CorpusConfig
+from sandbox_env.tasks.scripting import ScriptContext, call_with_recovery, quote
 
 TYPE_WORD = {"person": "person", "company": "company", "place": "city"}
 STEP_PHRASE = {
