@@ -13,6 +13,7 @@ from .config import DEFAULT_TARGETS, QuantConfig, quant_config_from
 from .fake_quant import (
     ExpertWeightFakeQuant,
     PrepareReport,
+    bake_fake_quant,
     get_config,
     iter_quantized,
     prepare,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "ExportIntegrityError",
     "apply_ptq",
+    "bake_fake_quant",
     "checkpoint_kind",
     "convert_int4",
     "expert_weight_bytes",

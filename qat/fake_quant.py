@@ -275,12 +275,32 @@ def remove_fake_quant(model: nn.Module) -> None:
     """Undoes prepare: every quantizer is dropped and its module gets its own class back."""
     _require_prepared(model, "remove_fake_quant")
     for module in model.modules():
-        if "weight_fake_quant" in module._modules:
-            del module._modules["weight_fake_quant"]
+        if isinstance(getattr(module, "weight_fake_quant", None), nn.ModuleDict):
+            delattr(module, "weight_fake_quant")
         base = getattr(type(module), "_agentic_qat_base", None)
         if base is not None:
             module.__class__ = base
     delattr(model, _QAT_ATTR)
+
+
+@torch.no_grad()
+def bake_fake_quant(model: nn.Module) -> int:
+    """Writes every enabled fake-quant weight into its parameter, then removes the quantizers.
+
+    The model then computes exactly what the fake-quant model computed (the forward used those very
+    tensors), without quantizing its experts again on every call: for decoding a QAT checkpoint in
+    evaluation or serving, where each step is one forward. Training, export and observer refreshes
+    need the quantizers and the unquantized weights, so bake a copy, never the model being trained.
+    Returns how many tensors were baked."""
+    _require_prepared(model, "bake_fake_quant")
+    n = 0
+    for _, module, attr, fq in iter_quantized(model):
+        if fq.enabled:
+            weight = getattr(module, attr)
+            weight.copy_(fq(weight))
+            n += 1
+    remove_fake_quant(model)
+    return n
 
 
 def _require_prepared(model: nn.Module, what: str) -> None:

@@ -35,7 +35,8 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
 
     - "hf": `AutoModelForCausalLM.from_pretrained`.
     - "fake_quant": the same, then `qat.prepare` with the saved QuantConfig and the saved observer
-      state, so the evaluated model is exactly the fake-quant model training optimised.
+      state, so the evaluated model is exactly the fake-quant model training optimised; its
+      fake-quant weights are then baked in (`qat.bake_fake_quant`: the same forward, computed once).
     - "int4": `qat.load.load_int4` (packed INT4 experts, int4 kernels).
     `dtype`: "float32" | "bfloat16" | "float16" | None (as saved). `ptq`: a `qat.ptq` method
     ("rtn", "rtn_mse", "nf4_b32", ...) applied in memory to the routed experts of an "hf"
@@ -60,9 +61,12 @@ def load_policy_model(path: str | Path, *, dtype: str | torch.dtype | None = Non
         model = load_int4(str(p), dtype=torch_dtype, device=device)
     else:
         if kind == "fake_quant":
+            from qat import bake_fake_quant
             from qat.checkpoint import load_qat_checkpoint
 
             model = load_qat_checkpoint(p, dtype=torch_dtype or "auto").to(device)
+            # The same forward with the fake-quant weights computed once, not at every decode step.
+            bake_fake_quant(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype or "auto").to(device)
     if ptq:
