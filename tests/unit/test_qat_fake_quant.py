@@ -181,6 +181,9 @@ def test_fake_quant_gradients_match_autograd_of_reference(observer, grid, transp
         assert torch.equal(got_out, ref.detach()), f"seed {seed}: forward differs from the reference"
         got_grad = wg.grad.transpose(-1, -2) if transposed else wg.grad
         torch.testing.assert_close(got_grad, w_ref.grad, rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {seed}, d/dw: {m}")  # noqa: B023 - called now
+        # and exactly: upstream where the weight is inside the grid, 0 where it is clipped (the reference
+        # goes through w / s * s, so it only agrees to rounding; the straight-through estimator is exact)
+        assert torch.equal(got_grad, torch.where(w_ref.grad != 0, up_OI, torch.zeros_like(up_OI))), f"seed {seed}"
         clipped = (w_ref.grad == 0).sum()
         if observer == "absmax":
             assert clipped == 0  # absmax never clips: the gradient is upstream's everywhere
