@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from .jobs import register_schema
 
 GRIDS = ("k2", "full")
 OBSERVERS = ("absmax", "mse", "lsq", "static")
@@ -126,27 +124,3 @@ def quant_config_from(cfg: Mapping[str, Any]) -> QuantConfig:
     schedule_keys = {"enabled", "start_step", "refresh_every", "log_every", "init", "init_samples"}
     d = {k: v for k, v in dict(cfg).items() if k not in schedule_keys and v is not None}
     return QuantConfig.from_dict(d)
-
-
-@dataclass
-class ExportJobConfig:
-    """conf/export.yaml, the `python -m qat.export` job: a checkpoint -> a compressed-tensors INT4 checkpoint."""
-
-    input: str = "???"
-    """Checkpoint dir (config.json + safetensors [+ qat_config.json]). Required."""
-    output: str = "???"
-    """Export dir; must be empty unless overwrite=true. Required."""
-    overwrite: bool = False
-    """true deletes what is in `output` first (the marker goes first)."""
-    dtype: str | None = None
-    """null = as saved; bfloat16 halves the dense part of the export."""
-    max_shard_size: str = "5GB"
-    """Smaller shards = lower peak memory while exporting."""
-    stream: bool = True
-    """absmax: quantize tensor by tensor from the files (peak memory one shard); false builds the model
-    first (always so for mse/lsq observer state)."""
-    qat: QuantConfig = field(default_factory=QuantConfig)
-    """Used only when the input has no qat_config.json (round-to-nearest, the RTN baseline)."""
-
-
-register_schema("export", ExportJobConfig)

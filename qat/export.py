@@ -59,6 +59,7 @@ from .files import (
     write_marker,
 )
 from .int4 import pack_int4
+from .jobs import register_schema
 from .layout import RowSlice, hub_layout, skeleton
 from .targets import match_targets
 
@@ -462,6 +463,31 @@ def export_checkpoint_int4(src_dir: str | os.PathLike, out_dir: str | os.PathLik
 
 
 # --- the Hydra job -----------------------------------------------------------------------------
+
+
+@dataclass
+class ExportJobConfig:
+    """conf/export.yaml, the `python -m qat.export` job: a checkpoint -> a compressed-tensors INT4 checkpoint."""
+
+    input: str = "???"
+    """Checkpoint dir (config.json + safetensors [+ qat_config.json]). Required."""
+    output: str = "???"
+    """Export dir; must be empty unless overwrite=true. Required."""
+    overwrite: bool = False
+    """true deletes what is in `output` first (the marker goes first)."""
+    dtype: str | None = None
+    """null = as saved; bfloat16 halves the dense part of the export."""
+    max_shard_size: str = "5GB"
+    """Smaller shards = lower peak memory while exporting."""
+    stream: bool = True
+    """absmax: quantize tensor by tensor from the files (peak memory one shard); false builds the model
+    first (always so for mse/lsq observer state)."""
+    qat: QuantConfig = field(default_factory=QuantConfig)
+    """Used only when the input has no qat_config.json (round-to-nearest, the RTN baseline)."""
+
+
+register_schema("export", ExportJobConfig)
+
 
 
 def export_from_checkpoint(cfg: Any) -> ExportReport:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+import qat.export  # noqa: F401  registers export_schema
 import sandbox_env.config  # noqa: F401  registers generate/evaluate/serve_schema and sandbox/sandbox_schema
 import train
 import train.ptq
