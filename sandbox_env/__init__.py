@@ -22,7 +22,7 @@ __all__ = ["Sandbox", "SandboxConfig", "RunResult", "SearchIndex", "ToolBox", "T
            "Budgets", "TokenCounter", "ToolEnv", "run_episode", "Task", "TaskFamily", "get_family"]
 
 _LAZY = {"LocalModelPolicy": "inference.policy", "InferenceEngine": "inference.engine",
-         "SamplingConfig": "inference.engine", "load_policy_model": "inference.loading",
+         "SamplingConfig": "inference.sampling", "load_policy_model": "inference.loading",
          "run_heavy": "agent.heavy", "majority_vote": "agent.heavy",
          "teacher_forced_divergence": "eval.metrics", "wilson_interval": "eval.metrics"}
 __all__ += list(_LAZY)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox_env.agent.rollout import Budgets
+from sandbox_env.inference.sampling import SamplingConfig
 from sandbox_env.sandbox.session import SandboxConfig
 from sandbox_env.tasks.corpus import CorpusConfig
 
@@ -52,15 +53,6 @@ class GenerateJobConfig:
     tokenizer: str | None = None
     budgets: Budgets = field(default_factory=lambda: Budgets(max_steps=64))
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-
-
-@dataclass
-class SamplingSchema:
-    """sandbox_env.inference.engine.SamplingConfig's fields (that module imports torch; this one must not)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
 
 
 @dataclass
@@ -116,7 +108,7 @@ class EvaluateJobConfig:
     """false, true, or a list of checkpoint names"""
     progress: bool = True
     steps_needed: bool = True
-    sampling: SamplingSchema = field(default_factory=SamplingSchema)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     budgets: Budgets = field(default_factory=lambda: Budgets(max_steps=32, max_thinking_tokens=512, max_total_tokens=8192,
                                                              context_budget=4096))
     engine: EngineConfig = field(default_factory=EngineConfig)
