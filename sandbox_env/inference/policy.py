@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy, ToolCall
+from sandbox_env.agent.types import AssistantStep, EpisodeState, Policy
 from sandbox_env.inference.engine import InferenceEngine, KVCache, Request, Result, SamplingConfig
 
 
@@ -95,8 +95,7 @@ class LocalModelPolicy:
         n["unfinished_steps"] = n.get("unfinished_steps", 0) + (0 if res.stopped else 1)
         n["decode_s"] = round(n.get("decode_s", 0.0) + res.wall_s, 4)
         n["parse_errors"] = n.get("parse_errors", 0) + len(parsed.parse_errors)
-        return AssistantStep(reasoning_content=parsed.reasoning_content, content=parsed.content,
-                             tool_calls=[ToolCall(c.name, c.arguments, c.id) for c in parsed.tool_calls])
+        return parsed  # the parser's turn is the policy's step (its parse errors are counted above)
 
 
 def _seed_of(task_id: str, seed: int, step: int) -> int:
